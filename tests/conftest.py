@@ -1,0 +1,26 @@
+"""Shared fixtures: small Hugging Face checkpoints written by transformers itself (an independent
+writer), and the built-in SmolLM2-135M materialised once per checkout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import save_tiny_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2_DIR = os.environ.get("TLI_SMOLLM2_DIR", os.path.join(REPO, ".cache", "smollm2-135m"))
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    return save_tiny_llama(str(tmp_path / "src"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from tli_kernels.builtin.smollm2 import materialize
+
+    os.makedirs(os.path.dirname(SMOLLM2_DIR), exist_ok=True)
+    return materialize(SMOLLM2_DIR)

@@ -24,6 +24,7 @@ from tli_kernels.checkpoint.safetensors_format import DTYPE_SIZES, TensorEntry
 PARTIAL_SUFFIX = ".partial"
 BF16_NAN = np.uint16(0x7FC0)
 F16_NAN = np.uint16(0x7E00)
+F32_NAN = np.uint32(0x7FC00000)
 _STORAGE = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 # Bytes of working memory per element of a transformed chunk: sources, f32/f64 temporaries, output.
 _WORK_BYTES_PER_ELEMENT = 40
@@ -134,9 +135,12 @@ def bytes_to_f32(raw: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
 
 def f32_to_bytes(x: np.ndarray, dtype: str) -> bytes:
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if dtype == "F32":
-        return x.tobytes()
     nan = np.isnan(x)
+    if dtype == "F32":
+        # NaN payloads after an add differ between numpy's SIMD and scalar loops: canonicalise.
+        bits = x.view(np.uint32).copy()
+        bits[nan] = F32_NAN
+        return bits.tobytes()
     if dtype == "BF16":
         bits = x.view(np.uint32)
         out = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)

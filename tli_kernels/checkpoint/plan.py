@@ -15,8 +15,10 @@ Element-wise ops and their exact arithmetic (both executors MUST produce identic
 - uniform  per element index i (0-based within the tensor), splitmix64 on the u64 counter
            z = seed + (i + 1) * 0x9E3779B97F4A7C15, u = (z' >> 11) * 2^-53 (an f64 in [0, 1)),
            v = (2u - 1) * bound in f64, out = f32(v)
-The f32 result is rounded to BF16/F16 with round-to-nearest-even (NaN stays NaN), which is what
-torch's .to(dtype) does. Sources in BF16/F16/F32 widen to f32 exactly.
+The f32 result is rounded to BF16/F16 with round-to-nearest-even, which is what torch's .to(dtype)
+does; a NaN stays NaN but is written as the canonical quiet NaN (0x7FC0, 0x7E00, 0x7FC00000 for
+F32), since NaN payloads after an add differ between SIMD and scalar code paths. Sources in
+BF16/F16/F32 widen to f32 exactly.
 """
 
 from __future__ import annotations

@@ -1,13 +1,19 @@
-"""`tli upscale` as a library call: open the source, plan, check, execute, finish."""
+"""`tli upscale` as a library call: open the source, plan, check, execute, finish.
+
+Engines: "native" (the C++ streaming engine, the default when the extension is built) and
+"python" (the reference). Both write the same bytes and follow the same output protocol
+(tli_kernels/checkpoint/output.py), so a run started with one can be resumed with the other.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 from tli_kernels import __version__
-from tli_kernels.checkpoint import output
+from tli_kernels.checkpoint import executor_native, output
 from tli_kernels.checkpoint.executor_python import execute_python
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import SurgeryPlan
@@ -53,9 +59,38 @@ def part_shards(num_shards: int, part: tuple[int, int] | None) -> list[int]:
 @dataclass
 class UpscaleResult:
     plan: SurgeryPlan
-    shards_written: list[int]
-    bytes_to_write: int
-    finished: bool
+    shards_written: list[int]  # shards this call wrote (or, with dry_run, would write)
+    bytes_to_write: int  # disk the written shards take (holes excluded)
+    finished: bool  # the output folder is complete (index, config.json written, marker gone)
+    bytes_to_read: int = 0  # source bytes read (holes excluded with the native engine)
+    engine: str = ""  # the engine that ran (or would run)
+    shards_verified: list[int] = field(default_factory=list)  # found finished and re-verified (resume, parts)
+
+
+_warned_fallback = False
+
+
+def resolve_engine(engine: str | None) -> str:
+    """None -> native when built, else python (with a one-line warning); explicit names are checked."""
+    global _warned_fallback
+    if engine is None:
+        if executor_native.available():
+            return "native"
+        if not _warned_fallback:
+            print(
+                "tli: warning: native engine not built (reinstall with a C++17 compiler); using the Python engine",
+                file=sys.stderr,
+            )
+            _warned_fallback = True
+        return "python"
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "native" and not executor_native.available():
+        raise RuntimeError(
+            f"--engine native: the native engine is not built in this install "
+            f"({executor_native.unavailable_reason()}); reinstall with a C++17 compiler or use --engine python"
+        )
+    return engine
 
 
 def upscale(
@@ -65,7 +100,7 @@ def upscale(
     *,
     common: CommonOptions | None = None,
     options: dict | None = None,
-    engine: str = "python",
+    engine: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     part: str | None = None,
@@ -74,37 +109,71 @@ def upscale(
     threads: int | None = None,
     progress: bool = False,
 ) -> UpscaleResult:
-    if engine not in ENGINES:
-        raise ValueError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    """Upscale the checkpoint in src into dst (see SPEC section 2 and docs/engine.md).
+
+    part="i/n" writes every n-th shard starting at i-1 and leaves the folder unfinished; the same
+    call without part and with resume=True then re-verifies every shard, writes what is missing
+    and finishes. engine=None picks native when built.
+    """
+    engine = resolve_engine(engine)
     part_of = parse_part(part)
+    if part_of is not None and overwrite:
+        raise ValueError("--part cannot be combined with --overwrite: parts share DST (delete it first to start over)")
+    if engine == "native":
+        executor_native.memory_plan(max_memory, threads)  # reject a bad budget before anything is written
     layout = CheckpointLayout.open(src)
     plan = make_plan(layout, method, common, **(options or {}))
     output.check_destination(src, dst, overwrite=overwrite, resume=resume, part=part_of is not None)
     todo = part_shards(len(plan.shards), part_of)
     continuing = (resume or part_of is not None) and output.has_marker(dst)
+    verified: set[int] = set()
     if continuing:
         output.check_marker(dst, plan)
-        done = output.completed_shards(dst, plan)
-        todo = [i for i in todo if i not in done]
-    need = output.bytes_to_write(plan, todo)
+        verified = output.completed_shards(dst, plan, todo, max_memory=max_memory, threads=threads)
+        todo = [i for i in todo if i not in verified]
+    sparse = engine == "native"
+    need = output.bytes_to_write(plan, todo, layout if sparse else None)
+    read = output.bytes_to_read(plan, todo, layout, sparse)
+    result = UpscaleResult(plan, todo, need, False, bytes_to_read=read, engine=engine, shards_verified=sorted(verified))
     if dry_run:
-        return UpscaleResult(plan, todo, need, finished=False)
-    output.check_free_disk(dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst)), plan, todo)
+        return result
+    if continuing:
+        output.remove_partials(dst, plan, todo)
+    output.check_free_disk(dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst)), plan, todo, need)
     if not continuing:
         output.begin(dst, plan, overwrite=overwrite)
+    os.makedirs(os.path.join(dst, output.SHARDS_DIR), exist_ok=True)
 
     bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), method) if progress else None
     try:
-        if engine == "native":
-            raise RuntimeError("--engine native: the native engine is not built in this install; use --engine python")
-        execute_python(plan, layout, dst, max_memory=max_memory, shards=todo, progress=bar.update if bar else None)
+        _execute(engine, plan, layout, dst, todo, max_memory, threads, bar.update if bar else None)
     finally:
         if bar:
             bar.close()
-    finished = part_of is None
-    if finished:
-        output.finish(dst, plan, layout, __version__)
-    return UpscaleResult(plan, todo, need, finished)
+    result.finished = part_of is None
+    if result.finished:
+        output.finish(dst, plan, layout, __version__, verified=verified | set(todo))
+    return result
+
+
+def _execute(engine, plan, layout, dst, todo, max_memory, threads, progress) -> None:
+    if not todo:
+        return
+    digest = plan.digest()
+    if engine == "native":
+        sidecar = lambda i: (  # noqa: E731
+            output.sidecar_path(dst, plan.shards[i].file),
+            output.sidecar_template(plan, i, digest),
+        )
+        executor_native.execute_native(
+            plan, layout, dst, max_memory=max_memory, shards=todo, threads=threads, progress=progress, sidecar=sidecar
+        )
+        return
+    for i in todo:  # one shard at a time, so each gets its sidecar as soon as it is in place
+        execute_python(plan, layout, dst, max_memory=max_memory, shards=[i], progress=progress)
+        path = os.path.join(dst, plan.shards[i].file)
+        (checksum,) = output.checksum_files([(path, plan.shards[i].file_size)], max_memory=max_memory)
+        output.record_shard(dst, plan, i, checksum, digest)
 
 
 def _progress_bar(total: int, method: str):

@@ -4,19 +4,30 @@ Protocol (the same for both executors), so that no incomplete output passes for 
 1. DST is checked (not SRC, not inside SRC, not holding SRC; absent, empty, or --overwrite /
    --resume given) and free disk is checked, before any byte is written.
 2. DST/.tli-incomplete.json is written first; it names the plan's digest.
-3. Shards are written as NAME.partial, fsynced, renamed to NAME when complete.
+3. Shards are written as NAME.partial, fsynced, renamed to NAME when complete. Each finished shard
+   gets a sidecar DST/.tli-shards/NAME.json with its size, header hash, the plan digest and a
+   content checksum (wsum64x2, below), written before the rename by the native engine and right
+   after it by the Python one.
 4. Last: the index, tokenizer/generation files, tli_provenance.json, then config.json, then the
-   marker is removed. Without config.json transformers refuses the folder; with the marker
-   present tli refuses it.
+   marker is removed (and the sidecars with it). Without config.json transformers refuses the
+   folder; with the marker present tli refuses it.
+--resume (and every --part run) trusts a shard only when its file, header, sidecar and recomputed
+checksum all agree; anything else is written again. docs/engine.md has the whole story.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import time
+
+import numpy as np
 
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.executor_python import PARTIAL_SUFFIX, fsync_dir
@@ -27,7 +38,10 @@ from tli_kernels.checkpoint.layout import (
     PROVENANCE_NAME,
     CheckpointLayout,
 )
-from tli_kernels.checkpoint.plan import SurgeryPlan, write_json_atomic
+from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, write_json_atomic
+
+SHARDS_DIR = ".tli-shards"
+CHECKSUM_PLACEHOLDER = "@CHECKSUM@"
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -80,17 +94,92 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def bytes_to_write(plan: SurgeryPlan, shards: list[int]) -> int:
-    """Disk the shards will take: zero tensors are holes and cost nothing."""
+def bytes_to_write(plan: SurgeryPlan, shards: list[int], layout: CheckpointLayout | None = None) -> int:
+    """Disk the shards will take: zero tensors are holes and cost nothing.
+
+    With `layout` (the native engine, which skips source holes), source holes cost nothing either;
+    each data extent is charged two extra blocks for its unaligned ends.
+    """
+    extents = SourceExtents(layout) if layout is not None else None
     total = 0
     for i in shards:
         s = plan.shards[i]
         total += s.file_size - sum(t.nbytes for t in s.tensors if t.op.kind == "zeros")
+        if extents is not None:
+            total -= sum(t.nbytes - extents.output_data_bytes(t) for t in s.tensors if t.op.kind != "zeros")
     return total
 
 
-def check_free_disk(dst: str, plan: SurgeryPlan, shards: list[int]) -> None:
-    need = bytes_to_write(plan, shards)
+def bytes_to_read(plan: SurgeryPlan, shards: list[int], layout: CheckpointLayout, sparse: bool) -> int:
+    """Source bytes the shards read (once per use); with `sparse`, holes are not read."""
+    extents = SourceExtents(layout) if sparse else None
+    total = 0
+    for i in shards:
+        for t in plan.shards[i].tensors:
+            for name in t.op.src:
+                e = layout.tensors[name]
+                total += extents.data_bytes(e.file, e.offset, e.nbytes) if extents else e.nbytes
+    return total
+
+
+class SourceExtents:
+    """Where the source files hold data (SEEK_DATA / SEEK_HOLE), to price sparse output."""
+
+    BLOCK = 4096
+
+    def __init__(self, layout: CheckpointLayout):
+        self.layout = layout
+        self._cache: dict[str, list[tuple[int, int]]] = {}
+
+    def extents(self, path: str) -> list[tuple[int, int]]:
+        if path not in self._cache:
+            with open(path, "rb") as f:
+                self._cache[path] = list(data_extents(f.fileno(), 0, os.fstat(f.fileno()).st_size))
+        return self._cache[path]
+
+    def data_bytes(self, path: str, begin: int, n: int) -> int:
+        end, total = begin + n, 0
+        for d, h in self.extents(path):
+            if h > begin and d < end:
+                total += min(h, end) - max(d, begin)
+        return total
+
+    def output_data_bytes(self, t: OutTensor) -> int:
+        """Upper bound on the bytes of tensor t the native engine writes as data."""
+        if t.op.kind in ("fill", "uniform"):
+            return t.nbytes
+        sources = [self.layout.tensors[n] for n in t.op.src]
+        if t.op.kind == "copy" and sources[0].dtype == t.dtype:
+            e = sources[0]
+            pieces = [(d, h) for d, h in self.extents(e.file) if h > e.offset and d < e.offset + e.nbytes]
+            return min(t.nbytes, self.data_bytes(e.file, e.offset, e.nbytes) + 2 * self.BLOCK * len(pieces))
+        # Transforms leave a chunk unwritten only when all its sources are holes: price the tensor whole.
+        negative = t.op.kind != "copy" and math.copysign(1.0, t.op.factor) < 0  # 0 * -f = -0: not a hole
+        if negative or any(self.data_bytes(e.file, e.offset, e.nbytes) for e in sources):
+            return t.nbytes
+        return 0
+
+
+def data_extents(fd: int, begin: int, end: int):
+    """(data, hole) ranges of fd within [begin, end); the whole range where SEEK_DATA is unsupported."""
+    pos = begin
+    while pos < end:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            yield pos, end
+            return
+        if d >= end:
+            return
+        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+        yield d, h
+        pos = h
+
+
+def check_free_disk(dst: str, plan: SurgeryPlan, shards: list[int], need: int | None = None) -> None:
+    need = bytes_to_write(plan, shards) if need is None else need
     have = free_bytes(dst)
     if need > have:
         raise ValueError(
@@ -121,7 +210,7 @@ def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool) -> None:
     """Create dst (replacing it with overwrite) and mark it incomplete. Call after check_destination."""
     if os.path.exists(dst) and os.listdir(dst) and overwrite:
         shutil.rmtree(dst)
-    os.makedirs(dst, exist_ok=True)
+    os.makedirs(os.path.join(dst, SHARDS_DIR), exist_ok=True)
     write_json_atomic(
         os.path.join(dst, INCOMPLETE_MARKER),
         {"plan_sha256": plan.digest(), "method": plan.method, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
@@ -129,23 +218,140 @@ def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool) -> None:
     fsync_dir(dst)
 
 
-def completed_shards(dst: str, plan: SurgeryPlan) -> set[int]:
-    """Shards already renamed into place whose size and header match the plan."""
-    done = set()
-    for i, shard in enumerate(plan.shards):
+# ---- per-shard sidecars and checksums ------------------------------------------------------------
+def sidecar_path(dst: str, shard_file: str) -> str:
+    return os.path.join(dst, SHARDS_DIR, shard_file + ".json")
+
+
+def sidecar_record(plan: SurgeryPlan, i: int, checksum: str, digest: str | None = None) -> dict:
+    shard = plan.shards[i]
+    return {
+        "file": shard.file,
+        "size": shard.file_size,
+        "header_sha256": hashlib.sha256(shard.header_bytes()).hexdigest(),
+        "plan_sha256": digest or plan.digest(),
+        "checksum": checksum,
+    }
+
+
+def sidecar_template(plan: SurgeryPlan, i: int, digest: str | None = None) -> str:
+    """The sidecar of shard i as text, with CHECKSUM_PLACEHOLDER where the engine puts the checksum."""
+    return json.dumps(sidecar_record(plan, i, CHECKSUM_PLACEHOLDER, digest), indent=2) + "\n"
+
+
+def record_shard(dst: str, plan: SurgeryPlan, i: int, checksum: str, digest: str | None = None) -> None:
+    path = sidecar_path(dst, plan.shards[i].file)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(sidecar_record(plan, i, checksum, digest), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_POSITION_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def checksum_file_python(path: str, chunk: int = 8 << 20) -> str:
+    """wsum64x2 of a file (csrc/checksum.h has the definition), in numpy; holes are skipped."""
+    a = b = 0
+    with open(path, "rb") as f:
+        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+        for data, hole in list(data_extents(fd, 0, size)):
+            data, hole = data & ~7, min(size, (hole + 7) & ~7)
+            for off in range(data, hole, chunk):
+                raw = os.pread(fd, min(chunk, hole - off), off)
+                raw += b"\0" * (-len(raw) % 8)
+                w = np.frombuffer(raw, dtype=np.uint64)
+                index = np.arange(off // 8, off // 8 + len(w), dtype=np.uint64)
+                a += int((w * ((index * _POSITION_MUL) | np.uint64(1))).sum(dtype=np.uint64))
+                b += int(_mix64(w).sum(dtype=np.uint64))
+    return f"wsum64x2:{a % 2**64:016x}{b % 2**64:016x}"
+
+
+def checksum_files(
+    files: list[tuple[str, int]], *, max_memory: int = 512 << 20, threads: int | None = None
+) -> list[str]:
+    """Checksums of (path, size) files: the native engine's parallel read-back when built, else numpy."""
+    from tli_kernels.checkpoint import executor_native
+
+    if executor_native.available():
+        return executor_native.verify_files(files, max_memory=max_memory, threads=threads)
+    return [checksum_file_python(path) for path, _ in files]
+
+
+def completed_shards(
+    dst: str,
+    plan: SurgeryPlan,
+    candidates: list[int] | None = None,
+    *,
+    verify: bool = True,
+    max_memory: int = 512 << 20,
+    threads: int | None = None,
+) -> set[int]:
+    """Shards (of candidates, default all) already finished: renamed into place with the plan's size
+    and header, and a sidecar of this plan whose checksum matches the file's content (re-read when
+    verify). A shard failing any test is reported on stderr when it had a sidecar, and not counted."""
+    digest = plan.digest()
+    found: list[tuple[int, str, str]] = []
+    for i in range(len(plan.shards)) if candidates is None else candidates:
+        shard = plan.shards[i]
         path = os.path.join(dst, shard.file)
         if not os.path.isfile(path) or os.path.getsize(path) != shard.file_size:
             continue
         header = shard.header_bytes()
         with open(path, "rb") as f:
-            if f.read(len(header)) == header:
-                done.add(i)
+            if f.read(len(header)) != header:
+                continue
+        try:
+            with open(sidecar_path(dst, shard.file), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue  # finished before its sidecar landed (Python engine) or never finished: redo
+        if not isinstance(record, dict) or record != sidecar_record(plan, i, record.get("checksum"), digest):
+            continue
+        found.append((i, path, record["checksum"]))
+    if not verify or not found:
+        return {i for i, _, _ in found}
+    sums = checksum_files([(p, plan.shards[i].file_size) for i, p, _ in found], max_memory=max_memory, threads=threads)
+    done = set()
+    for (i, path, recorded), now in zip(found, sums):
+        if now == recorded:
+            done.add(i)
+        else:
+            print(
+                f"tli: {path}: content does not match the checksum recorded when it was written; rewriting it",
+                file=sys.stderr,
+            )
     return done
 
 
-def finish(dst: str, plan: SurgeryPlan, layout: CheckpointLayout, version: str) -> None:
-    """Write the files that make dst a complete model folder, config.json last, then drop the marker."""
-    missing = [s.file for i, s in enumerate(plan.shards) if i not in completed_shards(dst, plan)]
+def remove_partials(dst: str, plan: SurgeryPlan, shards: list[int]) -> None:
+    """Delete leftovers of an interrupted run for these shards (other parts' files are not touched)."""
+    for i in shards:
+        path = os.path.join(dst, plan.shards[i].file) + PARTIAL_SUFFIX
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def finish(
+    dst: str, plan: SurgeryPlan, layout: CheckpointLayout, version: str, verified: set[int] | None = None
+) -> None:
+    """Write the files that make dst a complete model folder, config.json last, then drop the marker.
+
+    Shards in `verified` (written or checked by this run) are trusted; the others must pass
+    completed_shards (checksum re-read) first.
+    """
+    verified = set(verified or ())
+    rest = [i for i in range(len(plan.shards)) if i not in verified]
+    done = verified | (completed_shards(dst, plan, rest) if rest else set())
+    missing = [s.file for i, s in enumerate(plan.shards) if i not in done]
     if missing:
         raise RuntimeError(
             f"cannot finish {dst}: {len(missing)} shard(s) missing or incomplete (e.g. {missing[0]}); "
@@ -164,6 +370,8 @@ def finish(dst: str, plan: SurgeryPlan, layout: CheckpointLayout, version: str) 
     fsync_dir(dst)
     os.unlink(os.path.join(dst, INCOMPLETE_MARKER))
     fsync_dir(dst)
+    # After the marker: a crash before this point must still find the sidecars on --resume.
+    shutil.rmtree(os.path.join(dst, SHARDS_DIR), ignore_errors=True)
 
 
 def check_complete_output(path: str) -> None:

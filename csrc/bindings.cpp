@@ -1,0 +1,106 @@
+// Python bindings of the streaming engine: the only file that sees Python. It converts the job
+// that tli_kernels/checkpoint/executor_native.py resolved (plain tuples) into engine structs and
+// releases the GIL around anything that waits. All argument checking happens in Python.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "engine.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// (file index, absolute offset, dtype code)
+using SourceTuple = std::tuple<uint32_t, uint64_t, int>;
+// (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, sources)
+using TensorTuple =
+    std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, std::vector<SourceTuple>>;
+// (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors)
+using ShardTuple = std::tuple<std::string, int, std::string, uint64_t, std::string, std::string, std::vector<TensorTuple>>;
+
+std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string, uint64_t>>& files,
+                                         const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
+                                         uint64_t copy_chunk, bool copy_file_range, bool sparse, bool writeback,
+                                         bool fsync) {
+  tli::Job job;
+  for (const auto& [path, size] : files) job.files.push_back({path, size});
+  for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
+    tli::ShardTask s;
+    s.path = path;
+    s.mode = static_cast<tli::ShardMode>(mode);
+    s.header = header;
+    s.file_size = file_size;
+    s.sidecar_path = sidecar;
+    s.sidecar_template = sidecar_template;
+    for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, sources] : tensors) {
+      tli::TensorTask t;
+      t.name = name;
+      t.out_offset = offset;
+      t.nbytes = nbytes;
+      t.dtype = static_cast<tli::DType>(dtype);
+      t.op = static_cast<tli::OpKind>(op);
+      t.factor = factor;
+      t.value = value;
+      t.seed = seed;
+      t.bound = bound;
+      for (const auto& [file, src_offset, src_dtype] : sources)
+        t.sources.push_back({file, src_offset, static_cast<tli::DType>(src_dtype)});
+      s.tensors.push_back(std::move(t));
+    }
+    job.shards.push_back(std::move(s));
+  }
+  job.options.threads = threads;
+  job.options.buffer_bytes = buffer_bytes;
+  job.options.copy_chunk = copy_chunk;
+  job.options.copy_file_range = copy_file_range;
+  job.options.sparse = sparse;
+  job.options.writeback = writeback;
+  job.options.fsync = fsync;
+  return std::make_unique<tli::Engine>(std::move(job));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "tli streaming conversion engine (C++ core in csrc/); use tli_kernels.checkpoint.executor_native";
+
+  py::class_<tli::Engine>(m, "Engine")
+      .def(py::init(&make_engine), py::arg("files"), py::arg("shards"), py::arg("threads"), py::arg("buffer_bytes"),
+           py::arg("copy_chunk"), py::arg("copy_file_range"), py::arg("sparse"), py::arg("writeback"),
+           py::arg("fsync"))
+      .def("start", &tli::Engine::start, py::call_guard<py::gil_scoped_release>())
+      .def("wait", &tli::Engine::wait, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &tli::Engine::cancel)
+      .def_property_readonly("bytes_done", &tli::Engine::bytes_done)
+      .def_property_readonly("cancelled", &tli::Engine::cancelled)
+      .def("failure",
+           [](const tli::Engine& e) -> py::object {
+             if (!e.failed()) return py::none();
+             const tli::Failure f = e.failure();
+             return py::make_tuple(f.message, f.path, f.tensor, f.err, f.kind);
+           })
+      .def("finished", [](const tli::Engine& e) {
+        py::list out;
+        for (const auto& [shard, sum] : e.finished()) out.append(py::make_tuple(shard, sum.a, sum.b));
+        return out;
+      });
+
+  m.def(
+      "checksum_file",
+      [](const std::string& path, uint64_t buffer_bytes) {
+        py::gil_scoped_release release;
+        try {
+          const tli::Checksum c = tli::checksum_file(path, buffer_bytes);
+          return std::make_pair(c.a, c.b);
+        } catch (const tli::Failure& f) {
+          throw std::runtime_error(f.path + ": " + f.message);
+        }
+      },
+      py::arg("path"), py::arg("buffer_bytes") = 8 << 20);
+}

@@ -1,0 +1,631 @@
+// The streaming engine's thread pool, work queue and shard life cycle (see engine.h, docs/engine.md).
+//
+// Work items, handed out in file order so that the disk sees long sequential runs:
+//   write chunk   part of one output tensor: an in-kernel copy of up to copy_chunk bytes (source
+//                 holes skipped), or up to buffer_bytes / 8 elements transformed through f32
+//   verify range  a word-aligned part of a finished shard, read back and checksummed
+// A shard's verify ranges are queued when its last write chunk is done and are taken before any
+// further write chunk, so a finished shard is renamed into place as soon as possible.
+#include "engine.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+
+namespace tli {
+namespace {
+
+constexpr uint64_t kMaxCopyCall = 1ull << 30;
+
+std::string errno_text(int err) {
+  char buf[256];
+  // GNU strerror_r returns a pointer to the message (maybe not into buf).
+  const char* msg = strerror_r(err, buf, sizeof buf);
+  return std::string(msg) + " (errno " + std::to_string(err) + ")";
+}
+
+Failure output_failure(const std::string& what, const std::string& path, const std::string& tensor, int err) {
+  return Failure{what + ": " + errno_text(err), path, tensor, err, "output"};
+}
+
+Failure source_failure(const std::string& what, const std::string& path, const std::string& tensor, int err = 0) {
+  return Failure{err ? what + ": " + errno_text(err) : what, path, tensor, err, "source"};
+}
+
+bool is_output_errno(int err) { return err == ENOSPC || err == EFBIG || err == EDQUOT || err == EROFS; }
+
+void pwrite_all(int fd, const unsigned char* data, uint64_t n, uint64_t off, const std::string& path,
+                const std::string& tensor) {
+  while (n > 0) {
+    const ssize_t r = ::pwrite(fd, data, std::min<uint64_t>(n, kMaxCopyCall), off_t(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw output_failure("cannot write output", path, tensor, errno);
+    }
+    data += r;
+    n -= uint64_t(r);
+    off += uint64_t(r);
+  }
+}
+
+// Read exactly n bytes; a short read means the file is shorter than its header promised.
+// `kind` ("source" or "output") says whose fault a failure is.
+void pread_all(int fd, unsigned char* data, uint64_t n, uint64_t off, const std::string& path,
+               const std::string& tensor, const char* kind) {
+  uint64_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::pread(fd, data + got, n - got, off_t(off + got));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw Failure{std::string("cannot read ") + kind + ": " + errno_text(errno), path, tensor, errno, kind};
+    }
+    if (r == 0) {
+      throw Failure{std::string(kind) + " ended early: read " + std::to_string(got) + " of " + std::to_string(n) +
+                        " bytes at offset " + std::to_string(off) + " (file truncated or changed during the run)",
+                    path, tensor, 0, kind};
+    }
+    got += uint64_t(r);
+  }
+}
+
+// Next data extent at or after pos, clipped to [pos, end): returns false when [pos, end) is a hole.
+// File systems without SEEK_DATA report the whole file as data.
+bool next_data(int fd, uint64_t pos, uint64_t end, uint64_t& data, uint64_t& hole) {
+  const off_t d = ::lseek(fd, off_t(pos), SEEK_DATA);
+  if (d < 0) {
+    if (errno == ENXIO) return false;  // no data after pos
+    data = pos;
+    hole = end;
+    return true;
+  }
+  if (uint64_t(d) >= end) return false;
+  const off_t h = ::lseek(fd, d, SEEK_HOLE);
+  data = uint64_t(d);
+  hole = h < 0 ? end : std::min<uint64_t>(uint64_t(h), end);
+  return true;
+}
+
+// Checksum [begin, end) of fd (begin % 8 == 0; end % 8 == 0 or end is the file's end), holes skipped.
+Checksum checksum_range(int fd, uint64_t begin, uint64_t end, unsigned char* buf, uint64_t buf_bytes,
+                        const std::string& path, const std::atomic<bool>* stop) {
+  Checksum c;
+  uint64_t pos = begin;
+  while (pos < end) {
+    uint64_t data, hole;
+    if (!next_data(fd, pos, end, data, hole)) break;
+    data &= ~uint64_t(7);  // extents are block-aligned; keep whole words anyway
+    hole = std::min(end, (hole + 7) & ~uint64_t(7));
+    for (uint64_t off = data; off < hole;) {
+      if (stop && stop->load(std::memory_order_relaxed)) return c;
+      const uint64_t n = std::min(buf_bytes, hole - off);
+      pread_all(fd, buf, n, off, path, "", "output");
+      checksum_add(c, buf, n, off / 8);
+      off += n;
+    }
+    pos = hole;
+  }
+  return c;
+}
+
+int64_t mtime_ns(const struct stat& st) { return int64_t(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec; }
+
+std::string dirname_of(const std::string& path) {
+  const auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string hex_checksum(const Checksum& c) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "wsum64x2:%016llx%016llx", static_cast<unsigned long long>(c.a),
+                static_cast<unsigned long long>(c.b));
+  return buf;
+}
+
+void write_file_atomic(const std::string& path, const std::string& content) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw output_failure("cannot create", tmp, "", errno);
+  try {
+    pwrite_all(fd, reinterpret_cast<const unsigned char*>(content.data()), content.size(), 0, tmp, "");
+    if (::fsync(fd) != 0) throw output_failure("fsync failed", tmp, "", errno);
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) throw output_failure("cannot rename into place", path, "", errno);
+}
+
+}  // namespace
+
+Engine::Engine(Job job) : job_(std::move(job)) {
+  use_copy_file_range_ = job_.options.copy_file_range;
+  // Buffers hold whole words and, for transforms, 4-byte accumulators plus the read bytes.
+  job_.options.buffer_bytes = std::max<uint64_t>(job_.options.buffer_bytes & ~uint64_t(4095), 4096);
+  job_.options.copy_chunk = std::max<uint64_t>(job_.options.copy_chunk, 4096);
+  job_.options.threads = std::max(1, job_.options.threads);
+  for (size_t i = 0; i < job_.shards.size(); ++i) state_.push_back(std::make_unique<ShardState>());
+}
+
+Engine::~Engine() {
+  cancel();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+  for (int fd : src_fds_)
+    if (fd >= 0) ::close(fd);
+  std::vector<int> dirs = dir_fds_;
+  std::sort(dirs.begin(), dirs.end());
+  dirs.erase(std::unique(dirs.begin(), dirs.end()), dirs.end());
+  for (int fd : dirs)
+    if (fd >= 0) ::close(fd);
+}
+
+uint64_t Engine::chunk_bytes(const TensorTask& t) const {
+  switch (t.op) {
+    case OpKind::Zeros:
+      return std::max<uint64_t>(t.nbytes, 1);
+    case OpKind::ByteCopy:
+      return job_.options.copy_chunk;
+    default:
+      return (job_.options.buffer_bytes / 8) * uint64_t(itemsize(t.dtype));
+  }
+}
+
+void Engine::start() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (started_) return;
+    started_ = true;
+  }
+  try {
+    for (const SourceFile& f : job_.files) {
+      const int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) throw source_failure("cannot open source", f.path, "", errno);
+      src_fds_.push_back(fd);
+      struct stat st;
+      if (::fstat(fd, &st) != 0) throw source_failure("cannot stat source", f.path, "", errno);
+      if (uint64_t(st.st_size) != f.size)
+        throw source_failure("source file changed since its header was read (" + std::to_string(f.size) + " -> " +
+                                 std::to_string(st.st_size) + " bytes)",
+                             f.path, "");
+      src_stat_.push_back({uint64_t(st.st_size), mtime_ns(st)});
+      ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    }
+    std::map<std::string, int> dirs;
+    for (size_t s = 0; s < job_.shards.size(); ++s) {
+      ShardTask& sh = job_.shards[s];
+      ShardState& st = *state_[s];
+      const std::string dir = dirname_of(sh.path);
+      if (!dirs.count(dir)) {
+        const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0) throw output_failure("cannot open output folder", dir, "", errno);
+        dirs[dir] = fd;
+      }
+      dir_fds_.push_back(dirs[dir]);
+      if (sh.mode == ShardMode::Write) {
+        if (sh.tensors.empty()) throw Failure{"shard has no tensors", sh.path, "", 0, "job"};
+        for (const TensorTask& t : sh.tensors) {
+          const uint64_t cb = chunk_bytes(t);
+          st.write_left += t.nbytes == 0 ? 1 : (t.nbytes + cb - 1) / cb;
+          for (const SourceRef& r : t.sources)
+            if (r.file >= job_.files.size()) throw Failure{"bad source file index", sh.path, t.name, 0, "job"};
+        }
+      } else {
+        st.fd = ::open(sh.path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (st.fd < 0) throw output_failure("cannot open for verification", sh.path, "", errno);
+        st.opened = true;
+        struct stat fs;
+        if (::fstat(st.fd, &fs) != 0 || uint64_t(fs.st_size) != sh.file_size)
+          throw Failure{"size changed before verification", sh.path, "", 0, "output"};
+        write_done(uint32_t(s));
+      }
+    }
+  } catch (const Failure& f) {
+    fail(f);
+    cleanup();
+    std::lock_guard<std::mutex> lk(mu_);
+    finished_ = true;
+    done_cv_.notify_all();
+    return;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  if (job_.shards.empty()) {
+    finished_ = true;
+    done_cv_.notify_all();
+    return;
+  }
+  workers_left_ = job_.options.threads;
+  for (int i = 0; i < job_.options.threads; ++i) threads_.emplace_back([this] { worker(); });
+}
+
+bool Engine::wait(double timeout_s) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (timeout_s < 0) {
+    done_cv_.wait(lk, [this] { return finished_; });
+  } else {
+    done_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [this] { return finished_; });
+  }
+  return finished_;
+}
+
+void Engine::cancel() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!finished_) cancelled_ = true;
+  stop_ = true;
+  cv_.notify_all();
+}
+
+bool Engine::failed() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return has_failure_;
+}
+
+Failure Engine::failure() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return failure_;
+}
+
+std::vector<std::pair<uint32_t, Checksum>> Engine::finished() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return finished_list_;
+}
+
+void Engine::fail(const Failure& f) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!has_failure_ && !cancelled_) {
+    has_failure_ = true;
+    failure_ = f;
+  }
+  stop_ = true;
+  cv_.notify_all();
+}
+
+void Engine::worker() {
+  std::unique_ptr<unsigned char[]> buf(new unsigned char[job_.options.buffer_bytes]);
+  for (;;) {
+    Chunk c;
+    bool got = false;
+    Failure err;
+    bool has_err = false;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      for (;;) {
+        if (stopping()) break;
+        try {
+          got = next_chunk(c, lk);
+        } catch (const Failure& f) {
+          err = f;
+          has_err = true;
+          break;
+        }
+        if (got || shards_done_ == job_.shards.size()) break;
+        cv_.wait(lk);
+      }
+    }
+    if (has_err) fail(err);
+    if (!got) break;
+    try {
+      if (c.verify) {
+        verify_chunk(c, buf.get());
+      } else {
+        write_chunk(c, buf.get());
+      }
+    } catch (const Failure& f) {
+      fail(f);
+      break;
+    } catch (const std::exception& e) {
+      fail(Failure{std::string("internal error: ") + e.what(), job_.shards[c.shard].path, "", 0, "job"});
+      break;
+    }
+  }
+  bool last;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    last = --workers_left_ == 0;
+  }
+  if (last) {
+    cleanup();
+    std::lock_guard<std::mutex> lk(mu_);
+    finished_ = true;
+    done_cv_.notify_all();
+  }
+}
+
+// Called with mu_ held. Verify ranges first, then the next write chunk in file order.
+bool Engine::next_chunk(Chunk& c, std::unique_lock<std::mutex>&) {
+  if (!verify_queue_.empty()) {
+    c = verify_queue_.front();
+    verify_queue_.pop_front();
+    return true;
+  }
+  while (cur_shard_ < job_.shards.size()) {
+    const ShardTask& sh = job_.shards[cur_shard_];
+    if (sh.mode != ShardMode::Write || cur_tensor_ >= sh.tensors.size()) {
+      ++cur_shard_;
+      cur_tensor_ = 0;
+      cur_offset_ = 0;
+      continue;
+    }
+    if (!state_[cur_shard_]->opened) open_shard(cur_shard_);
+    const TensorTask& t = sh.tensors[cur_tensor_];
+    c.shard = cur_shard_;
+    c.tensor = cur_tensor_;
+    c.begin = cur_offset_;
+    c.end = std::min(t.nbytes, cur_offset_ + chunk_bytes(t));
+    c.verify = false;
+    cur_offset_ = c.end;
+    if (cur_offset_ >= t.nbytes) {
+      ++cur_tensor_;
+      cur_offset_ = 0;
+    }
+    return true;
+  }
+  return false;
+}
+
+// Called with mu_ held (cheap: create, size, header).
+void Engine::open_shard(uint32_t s) {
+  const ShardTask& sh = job_.shards[s];
+  ShardState& st = *state_[s];
+  const std::string partial = partial_path(s);
+  st.fd = ::open(partial.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (st.fd < 0) throw output_failure("cannot create output", partial, "", errno);
+  st.opened = true;
+  // Full size up front: whatever is never written (zero tensors, source holes) stays a hole.
+  if (::ftruncate(st.fd, off_t(sh.file_size)) != 0) throw output_failure("cannot size output", partial, "", errno);
+  pwrite_all(st.fd, reinterpret_cast<const unsigned char*>(sh.header.data()), sh.header.size(), 0, partial, "");
+}
+
+void Engine::check_source(uint32_t file, const std::string& tensor) {
+  struct stat st;
+  const SourceFile& f = job_.files[file];
+  if (::fstat(src_fds_[file], &st) != 0) throw source_failure("cannot stat source", f.path, tensor, errno);
+  const Stat& was = src_stat_[file];
+  if (uint64_t(st.st_size) != was.size)
+    throw source_failure("source file changed size during the run (" + std::to_string(was.size) + " -> " +
+                             std::to_string(st.st_size) + " bytes); output discarded",
+                         f.path, tensor);
+  if (mtime_ns(st) != was.mtime_ns)
+    throw source_failure("source file was modified during the run; output discarded", f.path, tensor);
+}
+
+void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
+  const TensorTask& t = job_.shards[c.shard].tensors[c.tensor];
+  const Output out{state_[c.shard]->fd, partial_path(c.shard)};
+  if (t.op == OpKind::ByteCopy) {
+    copy_bytes(t, out, c.begin, c.end, buf);
+  } else if (t.op != OpKind::Zeros) {
+    transform(t, out, c.begin, c.end, buf);
+  }
+  if (stopping()) return;
+  if (job_.options.writeback && t.op != OpKind::Zeros && c.end > c.begin)
+    ::sync_file_range(out.fd, off_t(t.out_offset + c.begin), off_t(c.end - c.begin), SYNC_FILE_RANGE_WRITE);
+  bytes_done_.fetch_add(c.end - c.begin, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lk(mu_);
+  if (--state_[c.shard]->write_left == 0) write_done(c.shard);
+}
+
+// Called with mu_ held: queue the shard's read-back ranges.
+void Engine::write_done(uint32_t s) {
+  const uint64_t size = job_.shards[s].file_size, step = job_.options.buffer_bytes;
+  ShardState& st = *state_[s];
+  st.verify_left = size == 0 ? 1 : (size + step - 1) / step;
+  for (uint64_t off = 0; off < size || (size == 0 && off == 0); off += step) {
+    Chunk c;
+    c.shard = s;
+    c.begin = off;
+    c.end = std::min(size, off + step);
+    c.verify = true;
+    verify_queue_.push_back(c);
+    if (size == 0) break;
+  }
+  cv_.notify_all();
+}
+
+void Engine::verify_chunk(const Chunk& c, unsigned char* buf) {
+  ShardState& st = *state_[c.shard];
+  const ShardTask& sh = job_.shards[c.shard];
+  const std::string& path = sh.mode == ShardMode::Write ? partial_path(c.shard) : sh.path;
+  const Checksum sum = checksum_range(st.fd, c.begin, c.end, buf, job_.options.buffer_bytes, path, &stop_);
+  if (stopping()) return;
+  st.sum_a.fetch_add(sum.a, std::memory_order_relaxed);
+  st.sum_b.fetch_add(sum.b, std::memory_order_relaxed);
+  if (sh.mode == ShardMode::Verify) bytes_done_.fetch_add(c.end - c.begin, std::memory_order_relaxed);
+  bool last;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    last = --st.verify_left == 0;
+  }
+  if (last) finalize(c.shard);
+}
+
+void Engine::finalize(uint32_t s) {
+  const ShardTask& sh = job_.shards[s];
+  ShardState& st = *state_[s];
+  const Checksum sum{st.sum_a.load(), st.sum_b.load()};
+  if (sh.mode == ShardMode::Write) {
+    const std::string partial = partial_path(s);
+    // The output is only as good as its sources were for the whole time it was being written.
+    for (uint32_t f = 0; f < job_.files.size(); ++f) check_source(f, "");
+    if (job_.options.fsync && ::fsync(st.fd) != 0) throw output_failure("fsync failed", partial, "", errno);
+    if (stopping()) return;
+    if (!sh.sidecar_path.empty()) {
+      std::string content = sh.sidecar_template;
+      const auto at = content.find("@CHECKSUM@");
+      if (at != std::string::npos) content.replace(at, 10, hex_checksum(sum));
+      write_file_atomic(sh.sidecar_path, content);
+    }
+    if (::rename(partial.c_str(), sh.path.c_str()) != 0)
+      throw output_failure("cannot rename into place", sh.path, "", errno);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      st.renamed = true;
+    }
+    if (job_.options.fsync) ::fsync(dir_fds_[s]);
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  ::close(st.fd);
+  st.fd = -1;
+  st.done = true;
+  ++shards_done_;
+  finished_list_.emplace_back(s, sum);
+  cv_.notify_all();
+}
+
+// Runs once, after the last worker stopped: close what is open, remove unfinished .partial files.
+void Engine::cleanup() {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (size_t s = 0; s < job_.shards.size(); ++s) {
+    ShardState& st = *state_[s];
+    if (st.fd >= 0) {
+      ::close(st.fd);
+      st.fd = -1;
+    }
+    if (job_.shards[s].mode == ShardMode::Write && st.opened && !st.renamed) ::unlink(partial_path(uint32_t(s)).c_str());
+  }
+}
+
+void Engine::copy_bytes(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf) {
+  const SourceRef& src = t.sources[0];
+  check_source(src.file, t.name);
+  const int in_fd = src_fds_[src.file];
+  const uint64_t in_begin = src.offset + begin, in_end = src.offset + end;
+  if (!job_.options.sparse) {
+    copy_range(t, in_fd, in_begin, out, t.out_offset + begin, end - begin, buf);
+    return;
+  }
+  uint64_t pos = in_begin;
+  while (pos < in_end && !stopping()) {
+    uint64_t data, hole;
+    if (!next_data(in_fd, pos, in_end, data, hole)) break;  // the rest is a hole: leave one
+    copy_range(t, in_fd, data, out, t.out_offset + begin + (data - in_begin), hole - data, buf);
+    pos = hole;
+  }
+}
+
+void Engine::copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const Output& out, uint64_t out_off,
+                        uint64_t n, unsigned char* buf) {
+  const SourceFile& src = job_.files[t.sources[0].file];
+  while (n > 0 && !stopping()) {
+    if (use_copy_file_range_.load(std::memory_order_relaxed)) {
+      off64_t i = off64_t(in_off), o = off64_t(out_off);
+      const ssize_t r = ::copy_file_range(in_fd, &i, out.fd, &o, std::min(n, kMaxCopyCall), 0);
+      if (r < 0) {
+        const int err = errno;
+        if (err == EINTR) continue;
+        if (err == EXDEV || err == ENOSYS || err == EOPNOTSUPP || err == EINVAL || err == EBADF) {
+          use_copy_file_range_ = false;  // not between these files: copy through the buffer from now on
+          continue;
+        }
+        if (is_output_errno(err)) throw output_failure("cannot write output", out.path, t.name, err);
+        throw source_failure("in-kernel copy failed", src.path, t.name, err);
+      }
+      if (r == 0)
+        throw source_failure("source ended early at offset " + std::to_string(in_off) +
+                                 " (file truncated or changed during the run)",
+                             src.path, t.name);
+      in_off += uint64_t(r);
+      out_off += uint64_t(r);
+      n -= uint64_t(r);
+    } else {
+      const uint64_t k = std::min(n, job_.options.buffer_bytes);
+      pread_all(in_fd, buf, k, in_off, src.path, t.name, "source");
+      pwrite_all(out.fd, buf, k, out_off, out.path, t.name);
+      in_off += k;
+      out_off += k;
+      n -= k;
+    }
+  }
+}
+
+bool Engine::all_holes(const TensorTask& t, uint64_t first_elem, uint64_t n_elems) {
+  for (const SourceRef& r : t.sources) {
+    const uint64_t sz = uint64_t(itemsize(r.dtype));
+    const uint64_t begin = r.offset + first_elem * sz, end = begin + n_elems * sz;
+    uint64_t data, hole;
+    if (next_data(src_fds_[r.file], begin, end, data, hole)) return false;
+  }
+  return true;
+}
+
+void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf) {
+  const uint64_t osz = uint64_t(itemsize(t.dtype));
+  const uint64_t first = begin / osz, n = (end - begin) / osz;
+  const uint64_t max_elems = job_.options.buffer_bytes / 8;
+  float* acc = reinterpret_cast<float*>(buf);
+  unsigned char* raw = buf + 4 * max_elems;
+  const bool reads = t.op == OpKind::Cast || t.op == OpKind::Scale || t.op == OpKind::Average;
+  if (reads) {
+    for (const SourceRef& r : t.sources) check_source(r.file, t.name);
+    // Zero in gives +0 out unless a negative factor turns it into -0: then a source hole may stay one.
+    const bool zero_stays_zero = t.op == OpKind::Cast || (std::isfinite(t.factor) && !std::signbit(t.factor));
+    if (job_.options.sparse && zero_stays_zero && all_holes(t, first, n)) return;
+  }
+  switch (t.op) {
+    case OpKind::Fill:
+      std::fill(acc, acc + n, float(t.value));
+      break;
+    case OpKind::Uniform:
+      uniform_f32(t.seed, t.bound, first, acc, n);
+      break;
+    default: {
+      for (size_t i = 0; i < t.sources.size(); ++i) {
+        const SourceRef& r = t.sources[i];
+        const uint64_t isz = uint64_t(itemsize(r.dtype));
+        pread_all(src_fds_[r.file], raw, n * isz, r.offset + first * isz, job_.files[r.file].path, t.name, "source");
+        if (i == 0) {
+          widen(raw, r.dtype, acc, n);
+        } else {
+          widen_add(raw, r.dtype, acc, n);
+        }
+      }
+      if (t.op == OpKind::Scale) {
+        const float f = float(t.factor);
+        for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] * f;
+      } else if (t.op == OpKind::Average) {
+        const float count = float(t.sources.size());
+        for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] / count;
+        if (t.factor != 1.0) {
+          const float f = float(t.factor);
+          for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] * f;
+        }
+      }
+    }
+  }
+  narrow_in_place(acc, t.dtype, n);
+  pwrite_all(out.fd, buf, n * osz, t.out_offset + begin, out.path, t.name);
+}
+
+Checksum checksum_file(const std::string& path, uint64_t buffer_bytes) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw output_failure("cannot open", path, "", errno);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw output_failure("cannot stat", path, "", err);
+  }
+  buffer_bytes = std::max<uint64_t>(buffer_bytes & ~uint64_t(7), 8);
+  std::unique_ptr<unsigned char[]> buf(new unsigned char[buffer_bytes]);
+  try {
+    const Checksum c = checksum_range(fd, 0, uint64_t(st.st_size), buf.get(), buffer_bytes, path, nullptr);
+    ::close(fd);
+    return c;
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+}
+
+}  // namespace tli

@@ -1,0 +1,176 @@
+// The streaming engine: executes a resolved surgery job (computed in Python) on a thread pool.
+//
+// A job is a list of source files and a list of output shards. Each output shard is a header
+// (bytes) and tensors at fixed output offsets, each one op over source byte ranges. The engine
+// knows nothing about models, plans or JSON: all of that is resolved in Python
+// (tli_kernels/checkpoint/executor_native.py). Design notes: docs/engine.md.
+//
+// Life of a shard: NAME.partial is created at its full size (all holes), the header written,
+// its tensors written chunk by chunk by any worker, then read back and checksummed in parallel
+// word-aligned ranges, fsynced, its sidecar written, renamed to NAME and the folder fsynced.
+// Memory: each worker owns one buffer of `buffer_bytes`; nothing else grows with the model.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "checksum.h"
+#include "numerics.h"
+
+namespace tli {
+
+enum class OpKind : uint8_t { ByteCopy = 0, Cast = 1, Scale = 2, Average = 3, Zeros = 4, Fill = 5, Uniform = 6 };
+
+struct SourceRef {
+  uint32_t file;    // index into Job::files
+  uint64_t offset;  // absolute byte offset of the tensor's first byte
+  DType dtype;
+};
+
+struct TensorTask {
+  std::string name;
+  uint64_t out_offset;  // absolute byte offset in the output file
+  uint64_t nbytes;      // output bytes
+  DType dtype;          // output dtype (OTHER: only ByteCopy and Zeros)
+  OpKind op;
+  double factor = 1.0;  // scale / average
+  double value = 0.0;   // fill
+  uint64_t seed = 0;    // uniform
+  double bound = 0.0;   // uniform
+  std::vector<SourceRef> sources;
+};
+
+enum class ShardMode : uint8_t { Write = 0, Verify = 1 };
+
+struct ShardTask {
+  std::string path;  // final path; written as path + ".partial"
+  ShardMode mode = ShardMode::Write;
+  std::string header;  // Write: the exact header bytes (length prefix included)
+  uint64_t file_size = 0;
+  std::string sidecar_path;      // Write: written (atomically) before the rename, if not empty
+  std::string sidecar_template;  // "@CHECKSUM@" is replaced by the hex checksum
+  std::vector<TensorTask> tensors;
+};
+
+struct SourceFile {
+  std::string path;
+  uint64_t size;  // the size the headers were validated against
+};
+
+struct Options {
+  int threads = 2;
+  uint64_t buffer_bytes = 16 << 20;  // per worker; transforms use buffer_bytes / 8 elements
+  uint64_t copy_chunk = 64 << 20;    // bytes per in-kernel copy work item (no user memory)
+  bool copy_file_range = true;       // else pread/pwrite through the buffer
+  bool sparse = true;                // skip source holes (SEEK_DATA / SEEK_HOLE)
+  bool writeback = true;             // start writeback as chunks complete (sync_file_range)
+  bool fsync = true;
+};
+
+struct Failure {
+  std::string message, path, tensor;
+  int err = 0;
+  std::string kind;  // "source", "output" or "job"
+};
+
+struct Job {
+  std::vector<SourceFile> files;
+  std::vector<ShardTask> shards;
+  Options options;
+};
+
+class Engine {
+ public:
+  explicit Engine(Job job);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  void start();
+  // Block up to timeout_s (negative: forever); true once every worker has stopped and the
+  // leftovers of a failed or cancelled run are removed.
+  bool wait(double timeout_s);
+  void cancel();
+
+  uint64_t bytes_done() const { return bytes_done_.load(std::memory_order_relaxed); }
+  bool failed() const;
+  Failure failure() const;
+  bool cancelled() const { return cancelled_.load(); }
+  // Indices of the shards finished (renamed into place, or verified), with their checksums.
+  std::vector<std::pair<uint32_t, Checksum>> finished() const;
+
+ private:
+  struct Chunk {
+    uint32_t shard = 0, tensor = 0;
+    uint64_t begin = 0, end = 0;  // bytes: within the tensor (write) or the file (verify)
+    bool verify = false;
+  };
+  struct ShardState {
+    int fd = -1;
+    bool opened = false, done = false, renamed = false;
+    uint64_t write_left = 0, verify_left = 0;  // guarded by mu_
+    std::atomic<uint64_t> sum_a{0}, sum_b{0};
+  };
+  struct Output {
+    int fd;
+    std::string path;  // the .partial file, for messages
+  };
+  struct Stat {
+    uint64_t size;
+    int64_t mtime_ns;
+  };
+
+  void worker();
+  bool next_chunk(Chunk& c, std::unique_lock<std::mutex>& lk);
+  void open_shard(uint32_t s);
+  void write_chunk(const Chunk& c, unsigned char* buf);
+  void verify_chunk(const Chunk& c, unsigned char* buf);
+  void write_done(uint32_t s);
+  void finalize(uint32_t s);
+  void copy_bytes(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
+  void transform(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
+  void copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const Output& out, uint64_t out_off, uint64_t n,
+                  unsigned char* buf);
+  bool all_holes(const TensorTask& t, uint64_t first_elem, uint64_t n_elems);
+  void check_source(uint32_t file, const std::string& tensor);
+  void fail(const Failure& f);
+  void cleanup();
+  uint64_t chunk_bytes(const TensorTask& t) const;
+  bool stopping() const { return stop_.load(std::memory_order_relaxed); }
+  std::string partial_path(uint32_t s) const { return job_.shards[s].path + ".partial"; }
+
+  Job job_;
+  std::vector<int> src_fds_;
+  std::vector<Stat> src_stat_;
+  std::vector<std::unique_ptr<ShardState>> state_;
+  std::vector<int> dir_fds_;  // per shard: its folder (for the fsync after rename)
+  std::vector<std::thread> threads_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;       // workers: work or stop
+  std::condition_variable done_cv_;  // waiters: finished_
+  std::deque<Chunk> verify_queue_;
+  uint32_t cur_shard_ = 0, cur_tensor_ = 0;  // the write cursor
+  uint64_t cur_offset_ = 0;
+  uint32_t shards_done_ = 0;
+  int workers_left_ = 0;
+  bool finished_ = false, started_ = false;
+  bool has_failure_ = false;
+  Failure failure_;
+  std::vector<std::pair<uint32_t, Checksum>> finished_list_;
+
+  std::atomic<bool> stop_{false}, cancelled_{false}, use_copy_file_range_{true};
+  std::atomic<uint64_t> bytes_done_{0};
+};
+
+// Checksum of one whole file, holes skipped (used by tests; resume uses Engine in Verify mode).
+Checksum checksum_file(const std::string& path, uint64_t buffer_bytes);
+
+}  // namespace tli

@@ -1,0 +1,223 @@
+"""tli_kernels/modules: one patched transformers decoder layer against the stock one (float32), the
+residual-scale semantics, learnable alpha, folding, undo, the fallback to the stock attention, and
+torch.compile without graph breaks."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from tests.ops.tolerance import assert_close, rel_error
+from tli_kernels.modules import (
+    TliDecoderLayer,
+    fold_residual_scale,
+    patch_decoder_layer,
+    residual_scale_of,
+    unpatch_decoder_layer,
+)
+
+F32 = torch.float32
+
+
+def _config(**overrides):
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=1,
+        vocab_size=32,
+        rms_norm_eps=1e-5,
+        **overrides,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _layer(config, seed=0):
+    torch.manual_seed(seed)
+    layer = LlamaDecoderLayer(config, layer_idx=0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "bias" in name:
+                p.normal_(0.0, 0.1)
+    return layer
+
+
+def _inputs(config, batch=2, length=8, seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(batch, length, config.hidden_size, requires_grad=True)
+    position_ids = torch.arange(length)[None]
+    cos, sin = LlamaRotaryEmbedding(config)(x, position_ids)
+    return x, {"attention_mask": None, "position_ids": position_ids, "position_embeddings": (cos, sin)}
+
+
+def _run(layer, x, kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x, **kwargs)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=F32)).view_as(out))
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    return out, x.grad, grads
+
+
+def _manual_scaled_forward(stock, x, kwargs, alpha):
+    """x + a*Attn(norm x), then r + a*MLP(norm r), with the stock modules: the definition of alpha."""
+    attn, _ = stock.self_attn(hidden_states=stock.input_layernorm(x), **kwargs)
+    r = x + alpha * attn
+    return r + alpha * stock.mlp(stock.post_attention_layernorm(r))
+
+
+def test_patched_layer_matches_stock():
+    config = _config()
+    stock = _layer(config)
+    patched = copy.deepcopy(stock)
+    patch_decoder_layer(patched)
+    x, kwargs = _inputs(config)
+
+    out, dx, grads = _run(patched, x, kwargs)
+    out_ref, dx_ref, grads_ref = _run(stock, x, kwargs)
+
+    assert isinstance(patched, TliDecoderLayer) and isinstance(patched, LlamaDecoderLayer)
+    assert_close(out, out_ref, F32, "out")
+    assert_close(dx, dx_ref, F32, "dx")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], F32, name)
+
+
+def test_residual_scale_scales_both_branches():
+    config = _config(attention_bias=True, mlp_bias=True)
+    stock = _layer(config)
+    patched = copy.deepcopy(stock)
+    patch_decoder_layer(patched, residual_scale=0.5)
+    x, kwargs = _inputs(config)
+    with torch.no_grad():
+        assert_close(patched(x, **kwargs), _manual_scaled_forward(stock, x, kwargs, 0.5), F32, "out")
+
+
+def test_learnable_alpha_gets_its_gradient():
+    config = _config()
+    stock = _layer(config)
+    patched = copy.deepcopy(stock)
+    patch_decoder_layer(patched, residual_scale=0.8, learnable=True)
+    alpha = patched.residual_scale
+    assert isinstance(alpha, torch.nn.Parameter) and alpha.dtype == F32 and alpha.shape == (1,)
+    x, kwargs = _inputs(config)
+
+    patched(x, **kwargs).square().sum().backward()
+    alpha_ref = torch.tensor([0.8], requires_grad=True)
+    _manual_scaled_forward(stock, x.detach(), kwargs, alpha_ref).square().sum().backward()
+
+    assert alpha.grad is not None and alpha.grad.abs().item() > 0
+    assert_close(alpha.grad, alpha_ref.grad, F32, "d alpha")
+
+
+def test_alpha_stays_out_of_the_state_dict(caplog):
+    config = _config()
+    stock = _layer(config)
+    patched = copy.deepcopy(stock)
+    patch_decoder_layer(patched, residual_scale=1.0, learnable=True)
+    assert "residual_scale" in dict(patched.named_parameters())
+    state = patched.state_dict()
+    assert state.keys() == stock.state_dict().keys()
+    patched.load_state_dict(stock.state_dict(), strict=True)  # no "missing residual_scale"
+
+    with torch.no_grad():
+        patched.residual_scale.fill_(0.7)
+    with caplog.at_level("WARNING"):
+        patched.state_dict()
+    assert "fold_residual_scales" in caplog.text  # saving an unfolded alpha is loud, not silent
+
+
+def test_fold_keeps_the_function_and_resets_alpha():
+    config = _config(attention_bias=True, mlp_bias=True)
+    layer = _layer(config)
+    patch_decoder_layer(layer, residual_scale=0.6, learnable=True)
+    x, kwargs = _inputs(config)
+    with torch.no_grad():
+        before = layer(x, **kwargs)
+        assert fold_residual_scale(layer) == pytest.approx(0.6)
+        after = layer(x, **kwargs)
+    assert residual_scale_of(layer) == 1.0
+    assert rel_error(after, before) < 1e-6
+
+
+def test_unpatch_restores_the_stock_layer():
+    config = _config()
+    stock = _layer(config)
+    layer = copy.deepcopy(stock)
+    classes = [type(m) for m in layer.modules()]
+    hooks = patch_decoder_layer(layer, residual_scale=1.0, learnable=True)
+    unpatch_decoder_layer(layer, hooks)
+    assert [type(m) for m in layer.modules()] == classes
+    assert "residual_scale" not in dict(layer.named_parameters()) and not hasattr(layer, "residual_scale")
+    x, kwargs = _inputs(config)
+    with torch.no_grad():
+        assert torch.equal(layer(x, **kwargs), stock(x, **kwargs))
+
+
+def test_other_attention_implementations_take_the_stock_path():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def recording_attention(*args, **kwargs):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("tli_test_recording", recording_attention)
+    config = _config()
+    stock = _layer(config)
+    patched = copy.deepcopy(stock)
+    patch_decoder_layer(patched)
+    patched.self_attn.config._attn_implementation = "tli_test_recording"
+    x, kwargs = _inputs(config)
+    with torch.no_grad():
+        out = patched(x, **kwargs)
+    assert calls, "a mask built for another attention implementation must go to the stock forward"
+    patched.self_attn.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        assert_close(out, stock(x, **kwargs), F32, "out")
+
+
+def test_rejects_a_block_it_does_not_compute():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    config = Qwen3Config(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16
+    )
+    with pytest.raises(ValueError, match="q_norm"):
+        patch_decoder_layer(Qwen3DecoderLayer(config, 0))
+
+
+def test_compile_has_no_graph_breaks():
+    # Under the interpreter the kernels run eagerly inside their custom ops; torch.compile sees opaque
+    # nodes with fake implementations, so fullgraph tracing (forward and backward) must succeed.
+    config = _config()
+    layer = _layer(config)
+    patch_decoder_layer(layer, residual_scale=0.5, learnable=True)
+    x, kwargs = _inputs(config)
+
+    def step(x):
+        return layer(x, **kwargs)
+
+    explanation = torch._dynamo.explain(step)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    grad_alpha = layer.residual_scale.grad.clone()
+    layer.residual_scale.grad = None
+    eager = step(x)
+    eager.sum().backward()
+    assert_close(out, eager, F32, "compiled vs eager")
+    assert_close(grad_alpha, layer.residual_scale.grad, F32, "d alpha compiled vs eager")

@@ -1,0 +1,30 @@
+"""benchmarks/gpu_kernels.py runs end to end at tiny shapes on CPU (--smoke): every section produces
+results, none records an error. Its numbers mean nothing here; the GPU run produces the real ones."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kernels.py"
+
+
+def test_gpu_benchmark_smoke_run(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--warmup", "0", "--reps", "1", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_kernels.json").read_text())
+    for name in ("rates", "kernels", "layer_correctness", "layer", "floor"):
+        assert name in results and "error" not in results[name], (name, results.get(name))
+    assert set(results["kernels"]) == {"rms_norm", "add_rms_norm", "rope", "swiglu"}
+    assert {"stock", "tli"} <= set(results["layer"])
+    assert all("error" not in entry for entry in results["layer"].values()), results["layer"]
+    assert "floor_forward_backward_ms" in results["floor"]
+    assert (tmp_path / "gpu_kernels.md").read_text().startswith("# tli kernels")

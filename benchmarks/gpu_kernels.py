@@ -6,7 +6,8 @@ batch 2 x 4096 tokens, bf16):
   * rates: the bf16 matmul rate (8192^3) and the device copy bandwidth (1 GiB copy, read + write);
   * kernels: each memory-bound tli kernel alone, forward and backward, against the eager PyTorch code
     transformers runs, as time, bandwidth over the minimum bytes moved, and share of the copy bandwidth;
-  * layer: forward and forward+backward of the stock layer, the tli layer, both under torch.compile,
+  * layer: forward and forward+backward of the stock layer, the tli layer (also with the fused gate/up
+    projection), the stock and tli layers under torch.compile,
     Liger-Kernel's layer, and the floor (the layer's GEMMs, timed and at the measured matmul rate, plus
     the attention kernel alone), with peak memory;
   * correctness: relative error (Frobenius) of output and every gradient against a float32 reference of
@@ -315,6 +316,8 @@ class Layers:
         self.reference = copy.deepcopy(self.stock).float()  # the bf16 weights, computed in float32
         self.tli = copy.deepcopy(self.stock)
         patch_decoder_layer(self.tli)
+        self.tli_fused = copy.deepcopy(self.stock)  # gate/up as one packed projection
+        patch_decoder_layer(self.tli_fused, fuse_gate_up=True)
 
         generator = torch.Generator(device=bench.device).manual_seed(1)
         shape = (s["batch"], s["seq"], s["hidden"])
@@ -376,7 +379,11 @@ def check_correctness(bench: Bench, layers: Layers, extra: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
     ref_out, ref_grads = layers.run(layers.reference, fp32=True)
     errors = {}
-    candidates = {"stock": (layers.stock, contextlib.nullcontext), "tli": (layers.tli, contextlib.nullcontext)}
+    candidates = {
+        "stock": (layers.stock, contextlib.nullcontext),
+        "tli": (layers.tli, contextlib.nullcontext),
+        "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
+    }
     candidates.update(extra)
     for name, (layer, context) in candidates.items():
         with context():
@@ -386,11 +393,12 @@ def check_correctness(bench: Bench, layers: Layers, extra: dict) -> dict:
         del out, grads
     slack = 1e-6  # float noise floor, so an exact (zero-error) stock layer does not fail a float32 smoke run
     failures = {
-        key: {"tli": value, "stock": errors["stock"][key]}
-        for key, value in errors["tli"].items()
+        f"{name}/{key}": {"error": value, "stock": errors["stock"][key]}
+        for name in ("tli", "tli_fused_gate_up")
+        for key, value in errors[name].items()
         if value > 2 * errors["stock"][key] + slack
     }
-    return {"criterion": "tli error <= 2 x stock bf16 error (+1e-6) for output and every gradient",
+    return {"criterion": "each tli layer's error <= 2 x stock bf16 error (+1e-6), output and every gradient",
             "errors": errors, "pass": not failures, "failures": failures}  # fmt: skip
 
 
@@ -517,7 +525,11 @@ def layer_sections(bench: Bench, args: argparse.Namespace) -> None:
 
     correctness = section(bench, "layer_correctness", check_correctness, layers, extra)
 
-    configs = {"stock": (layers.stock, contextlib.nullcontext), "tli": (layers.tli, contextlib.nullcontext)}
+    configs = {
+        "stock": (layers.stock, contextlib.nullcontext),
+        "tli": (layers.tli, contextlib.nullcontext),
+        "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
+    }
     if bench.device.type == "cuda" and ops.resolve_backend(layers.x) == "sdpa_cudnn":
         configs["tli_sdpa_default_order"] = (layers.tli, lambda: ops.attention_backend("sdpa"))
     configs.update(extra)

@@ -51,6 +51,21 @@ def test_same_logits_loss_and_gradients(shape, left_pad):
         assert rel_error(grad, grads_ref[name]) < GRAD_TOL, name
 
 
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_fused_gate_up_projection_matches(mlp_bias):
+    stock = tiny_model("llama3", mlp_bias=mlp_bias)
+    patched, _ = _patched_copy(stock, fuse_gate_up=True)
+    assert patched.model.layers[0].mlp._tli_fuse_gate_up
+    ids, mask = batch(seed=10, left_pad=2)
+    logits, loss, grads = _loss_and_grads(patched, ids, mask)
+    logits_ref, loss_ref, grads_ref = _loss_and_grads(stock, ids, mask)
+    assert rel_error(logits[mask.bool()], logits_ref[mask.bool()]) < LOGITS_TOL
+    assert rel_error(loss, loss_ref) < LOGITS_TOL
+    for name, grad in grads.items():
+        assert rel_error(grad, grads_ref[name]) < GRAD_TOL, name
+    assert list(patched.state_dict()) == list(stock.state_dict())
+
+
 @pytest.mark.parametrize("shape", ["smollm2", "llama3", "mistral", "qwen2"])
 def test_generate_gives_the_same_tokens_with_cache(shape):
     stock = tiny_model(shape)

@@ -153,10 +153,12 @@ def apply_tli_kernels(
     *,
     residual_scales: dict[int, float] | None = None,
     learnable_alpha: bool = False,
+    fuse_gate_up: bool = False,
 ) -> TliKernelsHandle:
     """Patch `model` (LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM or their base models) in
-    place with the tli kernels and residual scales; see the module docstring. Returns a handle whose
-    `undo()` restores the stock modules."""
+    place with the tli kernels and residual scales; see the module docstring. `fuse_gate_up` runs each
+    MLP's gate and up projections as one packed projection feeding the packed SwiGLU kernel. Returns a
+    handle whose `undo()` restores the stock modules."""
     decoder = _decoder(model)
     layers = decoder.layers
     num_layers = len(layers)
@@ -183,7 +185,7 @@ def apply_tli_kernels(
     handle = TliKernelsHandle(model=model, residual_scales=scales, learnable_layers=learnable)
     for index, layer in enumerate(layers):
         handle._layer_hooks[index] = patch_decoder_layer(
-            layer, residual_scale=scales.get(index, 1.0), learnable=index in learnable
+            layer, residual_scale=scales.get(index, 1.0), learnable=index in learnable, fuse_gate_up=fuse_gate_up
         )
     norm = getattr(decoder, "norm", None)
     if norm is not None:

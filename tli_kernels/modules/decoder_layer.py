@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from tli_kernels.modules import _swap
 from tli_kernels.modules.attention import TliAttention, check_attention
-from tli_kernels.modules.mlp import TliMLP, is_swiglu_mlp
+from tli_kernels.modules.mlp import TliMLP, can_fuse_gate_up, is_swiglu_mlp
 from tli_kernels.modules.norm import check_rms_norm
 from tli_kernels.ops import add_rms_norm, rms_norm
 
@@ -115,15 +115,20 @@ def check_decoder_layer(layer: nn.Module, where: str = "layer") -> None:
         raise ValueError(f"{where}: {type(layer).__name__} has extra parts {extra} that tli does not compute")
 
 
-def patch_decoder_layer(layer: nn.Module, *, residual_scale: float = 1.0, learnable: bool = False) -> list:
+def patch_decoder_layer(
+    layer: nn.Module, *, residual_scale: float = 1.0, learnable: bool = False, fuse_gate_up: bool = False
+) -> list:
     """Patch one transformers decoder layer in place (its class, its attention's and, for a SiLU MLP,
-    its MLP's); returns the hook handles to remove on undo. `learnable` makes alpha an nn.Parameter."""
+    its MLP's); returns the hook handles to remove on undo. `learnable` makes alpha an nn.Parameter;
+    `fuse_gate_up` runs gate/up as one packed projection (see `TliMLP`) where the MLP allows it."""
     check_decoder_layer(layer)
     hooks = []
     _swap.swap_in(layer, TliDecoderLayer)
     _swap.swap_in(layer.self_attn, TliAttention)
     if is_swiglu_mlp(layer.mlp):
         _swap.swap_in(layer.mlp, TliMLP)
+        if fuse_gate_up and can_fuse_gate_up(layer.mlp):
+            layer.mlp._tli_fuse_gate_up = True
     if learnable:
         device = layer.input_layernorm.weight.device
         layer.register_parameter(
@@ -167,5 +172,6 @@ def unpatch_decoder_layer(layer: nn.Module, hooks: list) -> None:
     if ALPHA_NAME in layer._parameters:
         del layer._parameters[ALPHA_NAME]
     layer.__dict__.pop(ALPHA_NAME, None)
+    layer.mlp.__dict__.pop("_tli_fuse_gate_up", None)
     for module in (layer.mlp, layer.self_attn, layer):
         _swap.swap_out(module)

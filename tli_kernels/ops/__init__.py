@@ -16,6 +16,7 @@ from tli_kernels.ops.attention import (
     resolve_backend,
     set_attention_backend,
 )
+from tli_kernels.ops.gate_up_proj import gate_up_proj
 from tli_kernels.ops.rms_norm import add_rms_norm, rms_norm
 from tli_kernels.ops.rope import apply_rope
 from tli_kernels.ops.swiglu import swiglu, swiglu_packed
@@ -26,6 +27,7 @@ __all__ = [
     "attention",
     "attention_backend",
     "flash_attn_available",
+    "gate_up_proj",
     "get_attention_backend",
     "get_ops_backend",
     "ops_backend",

@@ -161,29 +161,40 @@ def test_unpatch_restores_the_stock_layer():
         assert torch.equal(layer(x, **kwargs), stock(x, **kwargs))
 
 
-def test_other_attention_implementations_take_the_stock_path():
-    from transformers import AttentionInterface
+def _recording_attention(calls: list):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    def attention_function(module, query, key, value, attention_mask, **kwargs):
+        calls.append({k: v for k, v in kwargs.items() if not torch.is_tensor(v)})
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    return attention_function
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_other_attention_implementations_get_transformers_attention_function(model_type):
+    # Masks built for another implementation (here a registered one) go to transformers' function for
+    # it, called with the arguments the stock forward passes (Mistral/Qwen2: their sliding window).
+    from transformers import AttentionInterface, AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
     calls = []
-
-    def recording_attention(*args, **kwargs):
-        calls.append(1)
-        return sdpa_attention_forward(*args, **kwargs)
-
-    AttentionInterface.register("tli_test_recording", recording_attention)
-    config = _config()
-    stock = _layer(config)
+    AttentionInterface.register("tli_test_recording", _recording_attention(calls))
+    config = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=1, vocab_size=32, sliding_window=4,
+    )  # fmt: skip
+    config._attn_implementation = "tli_test_recording"
+    layer_class = type(MODEL_MAPPING[type(config)](config).layers[0])
+    stock = layer_class(config, 0)
     patched = copy.deepcopy(stock)
     patch_decoder_layer(patched)
-    patched.self_attn.config._attn_implementation = "tli_test_recording"
     x, kwargs = _inputs(config)
     with torch.no_grad():
         out = patched(x, **kwargs)
-    assert calls, "a mask built for another attention implementation must go to the stock forward"
-    patched.self_attn.config._attn_implementation = "sdpa"
-    with torch.no_grad():
-        assert_close(out, stock(x, **kwargs), F32, "out")
+        out_ref = stock(x, **kwargs)
+    assert len(calls) == 2 and calls[0] == calls[1], calls
+    assert_close(out, out_ref, F32, "out")
 
 
 def test_rejects_a_block_it_does_not_compute():

@@ -1,10 +1,14 @@
 """TliAttention: Llama-family self-attention with the RoPE kernel and the attention dispatch.
 
-The fast path applies to the masks transformers builds for its "sdpa" and "eager" implementations
-(None = causal, or a 4-D bool/float mask). Everything else goes to the stock forward of the very same
-module, decided before any work is done: masks built for another kernel (flash_attention_2 packs
-sequences through position_ids, flex attention takes a BlockMask), `output_attentions`, a rotary
-embedding that does not cover the whole head. Never silently wrong: when in doubt, the stock path.
+Three routes, chosen before any work is done:
+  * tli: the masks transformers builds for its "sdpa" and "eager" implementations (None = causal, or
+    a 4-D bool/float mask) go to `tli_kernels.ops.attention` (flash-attn / SDPA, GQA not repeated);
+  * interface: any other implementation (flash_attention_2 packs sequences through position_ids and
+    2-D masks, flex attention takes a BlockMask...) keeps the tli projections and RoPE kernel and calls
+    transformers' own attention function for it, with the arguments the stock forward passes;
+  * stock: the stock forward of this very module, for `output_attentions`, a missing or partial
+    rotary embedding, or an sdpa/eager mask of another form.
+Never silently wrong: when in doubt, the stock path.
 """
 
 from __future__ import annotations
@@ -27,19 +31,26 @@ class TliAttention(nn.Module):
     _tli_original_class: type  # set on the per-class subclass by `_swap.swap_in`
     _tli_cache_kwarg: str
 
-    def _tli_fallback_reason(self, position_embeddings, attention_mask: Tensor | None, kwargs: dict) -> str | None:
+    def _tli_route(self, position_embeddings, attention_mask, kwargs: dict) -> str:
+        if kwargs.get("output_attentions") or position_embeddings is None:
+            return "stock"
+        if position_embeddings[0].shape[-1] != self.head_dim:
+            return "stock"  # partial rotary: not a Llama-family block after all
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         if impl not in FAST_PATH_IMPLEMENTATIONS:
-            return f"attention implementation {impl!r} builds masks for another kernel"
-        if kwargs.get("output_attentions"):
-            return "output_attentions was requested"
-        if position_embeddings is None:
-            return "no position_embeddings were passed"
-        if position_embeddings[0].shape[-1] != self.head_dim:
-            return "the rotary embedding does not cover the whole head"
-        if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 4):
-            return "the attention mask is not a 4-D tensor"
-        return None
+            return "interface"
+        if attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.dim() == 4):
+            return "tli"
+        return "stock"
+
+    def _tli_sliding_window(self) -> dict:
+        # What the stock forward passes to the attention function: Qwen2 its per-layer window,
+        # Mistral the config's, Llama nothing.
+        if hasattr(self, "sliding_window"):
+            return {"sliding_window": self.sliding_window}
+        if getattr(self.config, "model_type", None) == "mistral":
+            return {"sliding_window": getattr(self.config, "sliding_window", None)}
+        return {}
 
     def forward(
         self,
@@ -49,9 +60,10 @@ class TliAttention(nn.Module):
         past_key_values=None,
         cache=None,
         **kwargs,
-    ) -> tuple[Tensor, None]:
+    ) -> tuple[Tensor, Tensor | None]:
         cache = cache if cache is not None else past_key_values
-        if self._tli_fallback_reason(position_embeddings, attention_mask, kwargs) is not None:
+        route = self._tli_route(position_embeddings, attention_mask, kwargs)
+        if route == "stock":
             kwargs[self._tli_cache_kwarg] = cache
             return self._tli_original_class.forward(
                 self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
@@ -69,16 +81,25 @@ class TliAttention(nn.Module):
                 k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
             else:
                 k, v = cache.update(k, v, self.layer_idx)
+        dropout = self.attention_dropout if self.training else 0.0
+
+        if route == "interface":
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            out, weights = interface(
+                self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
+                **self._tli_sliding_window(), **kwargs,
+            )  # fmt: skip
+            return self.o_proj(out.reshape(batch, q_len, -1).contiguous()), weights
 
         causal = attention_mask is None and q_len > 1
         if causal and k.shape[2] > q_len:
             # transformers leaves the mask out here only for a prefill into an empty static cache:
             # the new keys are the first q_len slots (the same crop its SDPA path makes).
             k, v = k[:, :, :q_len], v[:, :, :q_len]
-        dropout = self.attention_dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=attention_mask, causal=causal, scale=self.scaling, dropout_p=dropout)
-        out = out.reshape(batch, q_len, -1)
-        return self.o_proj(out), None
+        return self.o_proj(out.reshape(batch, q_len, -1)), None
 
 
 def check_attention(module: nn.Module, where: str) -> None:

@@ -27,7 +27,7 @@ using ShardTuple = std::tuple<std::string, int, std::string, uint64_t, std::stri
 std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string, uint64_t>>& files,
                                          const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
                                          uint64_t copy_chunk, bool copy_file_range, bool sparse, bool writeback,
-                                         bool fsync) {
+                                         bool fsync, bool checksum) {
   tli::Job job;
   for (const auto& [path, size] : files) job.files.push_back({path, size});
   for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
@@ -62,6 +62,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
   job.options.sparse = sparse;
   job.options.writeback = writeback;
   job.options.fsync = fsync;
+  job.options.checksum = checksum;
   return std::make_unique<tli::Engine>(std::move(job));
 }
 
@@ -73,7 +74,7 @@ PYBIND11_MODULE(_native, m) {
   py::class_<tli::Engine>(m, "Engine")
       .def(py::init(&make_engine), py::arg("files"), py::arg("shards"), py::arg("threads"), py::arg("buffer_bytes"),
            py::arg("copy_chunk"), py::arg("copy_file_range"), py::arg("sparse"), py::arg("writeback"),
-           py::arg("fsync"))
+           py::arg("fsync"), py::arg("checksum") = true)
       .def("start", &tli::Engine::start, py::call_guard<py::gil_scoped_release>())
       .def("wait", &tli::Engine::wait, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("cancel", &tli::Engine::cancel)

@@ -3,9 +3,13 @@
 // Work items, handed out in file order so that the disk sees long sequential runs:
 //   write chunk   part of one output tensor: an in-kernel copy of up to copy_chunk bytes (source
 //                 holes skipped), or up to buffer_bytes / 8 elements transformed through f32
-//   verify range  a word-aligned part of a finished shard, read back and checksummed
-// A shard's verify ranges are queued when its last write chunk is done and are taken before any
-// further write chunk, so a finished shard is renamed into place as soon as possible.
+//   verify range  a word-aligned part of a finished file (Verify mode, for --resume), read back
+//                 and checksummed
+// Checksums of written shards are computed inline: every piece of output is hashed while it is
+// in the worker's buffer (transforms) or read once more from the page cache right after its
+// in-kernel copy. Pieces start and end anywhere, the checksum works on 8-byte words, so each
+// piece adds its whole words and records the word index at each unaligned end; those few words
+// are read back from the finished file (they are complete by then) and added once each.
 #include "engine.h"
 
 #include <fcntl.h>
@@ -228,7 +232,7 @@ void Engine::start() {
         struct stat fs;
         if (::fstat(st.fd, &fs) != 0 || uint64_t(fs.st_size) != sh.file_size)
           throw Failure{"size changed before verification", sh.path, "", 0, "output"};
-        write_done(uint32_t(s));
+        queue_verify(uint32_t(s));
       }
     }
   } catch (const Failure& f) {
@@ -384,7 +388,47 @@ void Engine::open_shard(uint32_t s) {
   st.opened = true;
   // Full size up front: whatever is never written (zero tensors, source holes) stays a hole.
   if (::ftruncate(st.fd, off_t(sh.file_size)) != 0) throw output_failure("cannot size output", partial, "", errno);
-  pwrite_all(st.fd, reinterpret_cast<const unsigned char*>(sh.header.data()), sh.header.size(), 0, partial, "");
+  const auto* header = reinterpret_cast<const unsigned char*>(sh.header.data());
+  pwrite_all(st.fd, header, sh.header.size(), 0, partial, "");
+  hash_piece(s, 0, header, sh.header.size(), /*locked=*/true);
+}
+
+void Engine::hash_piece(uint32_t s, uint64_t file_off, const unsigned char* data, uint64_t n, bool locked) {
+  if (!job_.options.checksum || n == 0) return;
+  ShardState& st = *state_[s];
+  const uint64_t end = file_off + n;
+  const uint64_t first = (file_off + 7) & ~uint64_t(7), last = end & ~uint64_t(7);  // whole words: [first, last)
+  if (first < last) {
+    Checksum c;
+    checksum_add(c, data + (first - file_off), last - first, first / 8);
+    st.sum_a.fetch_add(c.a, std::memory_order_relaxed);
+    st.sum_b.fetch_add(c.b, std::memory_order_relaxed);
+  }
+  if (file_off % 8 == 0 && end % 8 == 0) return;
+  std::unique_lock<std::mutex> lk(mu_, std::defer_lock);
+  if (!locked) lk.lock();
+  if (file_off % 8) st.edge_words.push_back(file_off / 8);
+  if (end % 8) st.edge_words.push_back(end / 8);
+}
+
+// The words recorded by hash_piece, each read back once from the finished file.
+Checksum Engine::edge_sum(uint32_t s, unsigned char* buf) {
+  ShardState& st = *state_[s];
+  std::vector<uint64_t> words;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    words.swap(st.edge_words);
+  }
+  std::sort(words.begin(), words.end());
+  words.erase(std::unique(words.begin(), words.end()), words.end());
+  Checksum c;
+  const uint64_t size = job_.shards[s].file_size;
+  for (const uint64_t w : words) {
+    const uint64_t n = std::min<uint64_t>(8, size - 8 * w);
+    pread_all(st.fd, buf, n, 8 * w, partial_path(s), "", "output");
+    checksum_add(c, buf, n, w);
+  }
+  return c;
 }
 
 void Engine::check_source(uint32_t file, const std::string& tensor) {
@@ -402,7 +446,7 @@ void Engine::check_source(uint32_t file, const std::string& tensor) {
 
 void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   const TensorTask& t = job_.shards[c.shard].tensors[c.tensor];
-  const Output out{state_[c.shard]->fd, partial_path(c.shard)};
+  const Output out{c.shard, state_[c.shard]->fd, partial_path(c.shard)};
   if (t.op == OpKind::ByteCopy) {
     copy_bytes(t, out, c.begin, c.end, buf);
   } else if (t.op != OpKind::Zeros) {
@@ -412,12 +456,16 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   if (job_.options.writeback && t.op != OpKind::Zeros && c.end > c.begin)
     ::sync_file_range(out.fd, off_t(t.out_offset + c.begin), off_t(c.end - c.begin), SYNC_FILE_RANGE_WRITE);
   bytes_done_.fetch_add(c.end - c.begin, std::memory_order_relaxed);
-  std::lock_guard<std::mutex> lk(mu_);
-  if (--state_[c.shard]->write_left == 0) write_done(c.shard);
+  bool last;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    last = --state_[c.shard]->write_left == 0;
+  }
+  if (last) finalize(c.shard, buf);
 }
 
-// Called with mu_ held: queue the shard's read-back ranges.
-void Engine::write_done(uint32_t s) {
+// Verify mode: queue the file's read-back ranges (called before the workers start).
+void Engine::queue_verify(uint32_t s) {
   const uint64_t size = job_.shards[s].file_size, step = job_.options.buffer_bytes;
   ShardState& st = *state_[s];
   st.verify_left = size == 0 ? 1 : (size + step - 1) / step;
@@ -447,15 +495,18 @@ void Engine::verify_chunk(const Chunk& c, unsigned char* buf) {
     std::lock_guard<std::mutex> lk(mu_);
     last = --st.verify_left == 0;
   }
-  if (last) finalize(c.shard);
+  if (last) finalize(c.shard, buf);
 }
 
-void Engine::finalize(uint32_t s) {
+void Engine::finalize(uint32_t s, unsigned char* buf) {
   const ShardTask& sh = job_.shards[s];
   ShardState& st = *state_[s];
-  const Checksum sum{st.sum_a.load(), st.sum_b.load()};
+  Checksum sum{st.sum_a.load(), st.sum_b.load()};
   if (sh.mode == ShardMode::Write) {
     const std::string partial = partial_path(s);
+    const Checksum edges = edge_sum(s, buf);
+    sum.a += edges.a;
+    sum.b += edges.b;
     // The output is only as good as its sources were for the whole time it was being written.
     for (uint32_t f = 0; f < job_.files.size(); ++f) check_source(f, "");
     if (job_.options.fsync && ::fsync(st.fd) != 0) throw output_failure("fsync failed", partial, "", errno);
@@ -463,7 +514,7 @@ void Engine::finalize(uint32_t s) {
     if (!sh.sidecar_path.empty()) {
       std::string content = sh.sidecar_template;
       const auto at = content.find("@CHECKSUM@");
-      if (at != std::string::npos) content.replace(at, 10, hex_checksum(sum));
+      if (at != std::string::npos) content.replace(at, 10, job_.options.checksum ? hex_checksum(sum) : "none");
       write_file_atomic(sh.sidecar_path, content);
     }
     if (::rename(partial.c_str(), sh.path.c_str()) != 0)
@@ -535,6 +586,13 @@ void Engine::copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const O
         throw source_failure("source ended early at offset " + std::to_string(in_off) +
                                  " (file truncated or changed during the run)",
                              src.path, t.name);
+      // Hash what was copied: read it once more, from the page cache it was just copied from.
+      for (uint64_t done = 0; job_.options.checksum && done < uint64_t(r);) {
+        const uint64_t k = std::min(uint64_t(r) - done, job_.options.buffer_bytes);
+        pread_all(in_fd, buf, k, in_off + done, src.path, t.name, "source");
+        hash_piece(out.shard, out_off + done, buf, k);
+        done += k;
+      }
       in_off += uint64_t(r);
       out_off += uint64_t(r);
       n -= uint64_t(r);
@@ -542,6 +600,7 @@ void Engine::copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const O
       const uint64_t k = std::min(n, job_.options.buffer_bytes);
       pread_all(in_fd, buf, k, in_off, src.path, t.name, "source");
       pwrite_all(out.fd, buf, k, out_off, out.path, t.name);
+      hash_piece(out.shard, out_off, buf, k);
       in_off += k;
       out_off += k;
       n -= k;
@@ -605,6 +664,7 @@ void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, u
   }
   narrow_in_place(acc, t.dtype, n);
   pwrite_all(out.fd, buf, n * osz, t.out_offset + begin, out.path, t.name);
+  hash_piece(out.shard, t.out_offset + begin, buf, n * osz);
 }
 
 Checksum checksum_file(const std::string& path, uint64_t buffer_bytes) {

@@ -6,8 +6,8 @@
 // (tli_kernels/checkpoint/executor_native.py). Design notes: docs/engine.md.
 //
 // Life of a shard: NAME.partial is created at its full size (all holes), the header written,
-// its tensors written chunk by chunk by any worker, then read back and checksummed in parallel
-// word-aligned ranges, fsynced, its sidecar written, renamed to NAME and the folder fsynced.
+// its tensors written chunk by chunk by any worker (each piece checksummed as it passes through),
+// then fsynced, its sidecar written, renamed to NAME and the folder fsynced.
 // Memory: each worker owns one buffer of `buffer_bytes`; nothing else grows with the model.
 #pragma once
 
@@ -72,6 +72,7 @@ struct Options {
   bool sparse = true;                // skip source holes (SEEK_DATA / SEEK_HOLE)
   bool writeback = true;             // start writeback as chunks complete (sync_file_range)
   bool fsync = true;
+  bool checksum = true;  // hash what is written (off only to measure its cost: resume then redoes the shard)
 };
 
 struct Failure {
@@ -116,9 +117,11 @@ class Engine {
     int fd = -1;
     bool opened = false, done = false, renamed = false;
     uint64_t write_left = 0, verify_left = 0;  // guarded by mu_
+    std::vector<uint64_t> edge_words;           // guarded by mu_: words only partly inside a piece
     std::atomic<uint64_t> sum_a{0}, sum_b{0};
   };
   struct Output {
+    uint32_t shard;
     int fd;
     std::string path;  // the .partial file, for messages
   };
@@ -132,8 +135,10 @@ class Engine {
   void open_shard(uint32_t s);
   void write_chunk(const Chunk& c, unsigned char* buf);
   void verify_chunk(const Chunk& c, unsigned char* buf);
-  void write_done(uint32_t s);
-  void finalize(uint32_t s);
+  void queue_verify(uint32_t s);
+  void hash_piece(uint32_t s, uint64_t file_off, const unsigned char* data, uint64_t n, bool locked = false);
+  Checksum edge_sum(uint32_t s, unsigned char* buf);
+  void finalize(uint32_t s, unsigned char* buf);
   void copy_bytes(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
   void transform(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
   void copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const Output& out, uint64_t out_off, uint64_t n,

@@ -182,17 +182,25 @@ def execute_native(
 
     sidecar(i) -> (path, template) names the file written (atomically, before the rename) when
     shard i completes; "@CHECKSUM@" in the template becomes the shard's checksum. Returns
-    {shard index: checksum} of the shards written. tuning: engine switches for benchmarks
-    (copy_file_range, sparse, writeback, fsync: all True by default).
+    {shard index: checksum} of the shards written. tuning: switches for tests and benchmarks
+    (copy_file_range, sparse, writeback, fsync, checksum: True by default; buffer_bytes and
+    copy_chunk replace the sizes derived from max_memory).
     """
     _require()
     todo = list(range(len(plan.shards)) if shards is None else shards)
     files, job = build_job(plan, layout, dst, todo, sidecar)
     mem = memory_plan(max_memory, threads)
-    knobs = {"copy_file_range": True, "sparse": True, "writeback": True, "fsync": True, **(tuning or {})}
-    engine = _native.Engine(
-        files, job, threads=mem.threads, buffer_bytes=mem.buffer_bytes, copy_chunk=COPY_CHUNK, **knobs
-    )
+    knobs = {
+        "copy_file_range": True,
+        "sparse": True,
+        "writeback": True,
+        "fsync": True,
+        "checksum": True,
+        "buffer_bytes": mem.buffer_bytes,
+        "copy_chunk": COPY_CHUNK,
+        **(tuning or {}),
+    }
+    engine = _native.Engine(files, job, threads=mem.threads, **knobs)
     _run(engine, progress)
     return {todo[i]: format_checksum(a, b) for i, a, b in engine.finished()}
 

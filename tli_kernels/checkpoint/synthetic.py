@@ -2,15 +2,22 @@
 
 `dense` writes random bf16 weights (normal, std 0.02; norms near 1) so every byte is real;
 `sparse` writes the real headers and leaves the data as holes, so a 405B-shaped checkpoint
-(~812 GB apparent) costs a few MB of disk. Tensor order and names follow Hugging Face's
+(~812 GB apparent, 191 shards like the hub's Llama-3.1-405B) costs a few MB of disk; `special`
+is dense with values over the whole float range plus NaN, infinities, subnormals and signed zeros
+(for the engines' byte-identity tests). Tensor order and names follow Hugging Face's
 LlamaForCausalLM, shards follow its model-0000i-of-0000n naming with an index.
+
+    python -m tli_kernels.checkpoint.synthetic --preset llama-3.1-405b --sparse DIR
+    python -m tli_kernels.checkpoint.synthetic --preset llama-3.2-1b DIR           # dense, 2.5 GB
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -136,40 +143,55 @@ def llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+FILLS = ("dense", "sparse", "special")
+
+
 def write_checkpoint(
-    path: str, config: dict, *, fill: str = "dense", dtype: str = "BF16", num_shards: int | None = None, seed: int = 0
+    path: str,
+    config: dict,
+    *,
+    fill: str = "dense",
+    dtype: str = "BF16",
+    num_shards: int | None = None,
+    seed: int = 0,
+    norm_dtype: str | None = None,
 ) -> list[str]:
-    """Write config.json + safetensors shards (+ index when sharded). Returns the shard paths."""
-    if fill not in ("dense", "sparse"):
-        raise ValueError(f"fill {fill!r}: choose dense or sparse")
-    tensors = llama_tensors(config)
-    total = sum(tensor_nbytes(dtype, s) for _, s in tensors)
+    """Write config.json + safetensors shards (+ index when sharded). Returns the shard paths.
+
+    Shards are cut greedily at total / num_shards bytes, so there are exactly num_shards of them
+    when the tensors allow it. norm_dtype gives 1-D tensors (norms) their own dtype (mixed-dtype
+    checkpoints).
+    """
+    if fill not in FILLS:
+        raise ValueError(f"fill {fill!r}: choose one of {', '.join(FILLS)}")
+    tensors = [(n, s, (norm_dtype or dtype) if len(s) == 1 else dtype) for n, s in llama_tensors(config)]
+    total = sum(tensor_nbytes(d, s) for _, s, d in tensors)
     num_shards = num_shards or 1
     target = math.ceil(total / num_shards)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    groups: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
     used = 0
-    for name, shape in tensors:
-        nbytes = tensor_nbytes(dtype, shape)
+    for name, shape, dt in tensors:
+        nbytes = tensor_nbytes(dt, shape)
         if groups[-1] and used + nbytes > target and len(groups) < num_shards:
             groups.append([])
             used = 0
-        groups[-1].append((name, shape))
+        groups[-1].append((name, shape, dt))
         used += nbytes
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = shard_file_names(len(groups))
     weight_map = {}
     for fname, group in zip(names, groups):
-        header = build_header([(n, dtype, s) for n, s in group], {"format": "pt"})
+        header = build_header([(n, dt, s) for n, s, dt in group], {"format": "pt"})
         with open(os.path.join(path, fname), "wb") as f:
             f.write(header)
-            for name, shape in group:
-                nbytes = tensor_nbytes(dtype, shape)
+            for name, shape, dt in group:
+                nbytes = tensor_nbytes(dt, shape)
                 weight_map[name] = fname
                 if fill == "sparse":
                     f.seek(nbytes, os.SEEK_CUR)
                     continue
-                _write_random(f, name, shape, dtype, rng)
+                _write_random(f, shape, dt, rng, special=fill == "special")
             f.truncate(f.tell())
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -180,13 +202,85 @@ def write_checkpoint(
     return [os.path.join(path, n) for n in names]
 
 
-def _write_random(f, name: str, shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> None:
+def write_preset(path: str, preset: str, *, fill: str = "dense", layers: int | None = None, **kwargs) -> list[str]:
+    """A Llama-3 preset's checkpoint with the hub's shard count (layers: fewer layers, same shapes)."""
+    config = llama_config(preset, **({"num_hidden_layers": layers} if layers else {}))
+    shards = PRESETS[preset]["shards"]
+    if layers:
+        shards = max(1, round(shards * layers / PRESETS[preset]["num_hidden_layers"]))
+    return write_checkpoint(path, config, fill=fill, num_shards=kwargs.pop("num_shards", shards), **kwargs)
+
+
+# Values that stress rounding: the float16/bfloat16 edges, subnormals, signed zeros, non-finite.
+SPECIAL_VALUES = np.array(
+    [0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65520.0, -65520.0, 3.3895314e38, 1e-40, -1e-42, 2.0**-24,
+     2.0**-25, 3 * 2.0**-26, 6.1e-5, 1.00390625, 1.01171875, 5.96e-8],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def _write_random(f, shape: tuple[int, ...], dtype: str, rng: np.random.Generator, special: bool = False) -> None:
     n = math.prod(shape)
     norm = len(shape) == 1
     chunk = 1 << 22
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         x = rng.standard_normal(k, dtype=np.float32) * np.float32(0.02)
-        if norm:
+        if special:
+            with np.errstate(over="ignore"):
+                x = x * np.exp(rng.standard_normal(k, dtype=np.float32) * np.float32(8.0)).astype(np.float32)
+            picks = rng.random(k) < 0.05
+            x[picks] = rng.choice(SPECIAL_VALUES, int(picks.sum()))
+            nan = rng.random(k) < 0.002  # NaNs with odd payloads too
+            x.view(np.uint32)[nan] = np.uint32(0x7F800001) + rng.integers(0, 1 << 22, int(nan.sum()), dtype=np.uint32)
+        elif norm:
             x += np.float32(1.0)
-        f.write(f32_to_bytes(x, dtype))
+        if dtype == "F32":
+            f.write(x.tobytes())
+        else:
+            f.write(_narrow_keep_nan_bits(x, dtype))
+
+
+def _narrow_keep_nan_bits(x: np.ndarray, dtype: str) -> bytes:
+    """f32 -> BF16/F16 bytes, keeping NaN payload bits (a source may hold any NaN, not just canonical ones)."""
+    out = np.frombuffer(f32_to_bytes(x, dtype), dtype=np.uint16).copy()
+    nan = np.isnan(x)
+    if nan.any():
+        bits = x.view(np.uint32)[nan]
+        if dtype == "BF16":
+            out[nan] = (bits >> 16).astype(np.uint16) | np.uint16(0x0001)  # stays a NaN
+        else:
+            out[nan] = np.uint16(0x7C00) | ((bits >> 13) & 0x3FF).astype(np.uint16) | np.uint16(0x0001)
+    return out.tobytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tli_kernels.checkpoint.synthetic",
+        description="Write a checkpoint with a real Llama-3 layout and random (or no) data.",
+    )
+    p.add_argument("dir", help="output folder (created)")
+    p.add_argument("--preset", default="llama-3.2-1b", choices=sorted(PRESETS))
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--sparse", action="store_const", dest="fill", const="sparse", help="headers only, data as holes")
+    kind.add_argument("--special", action="store_const", dest="fill", const="special", help="NaN/inf/subnormal data")
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (same shapes)")
+    p.add_argument("--shards", type=int, default=None, help="number of shards (default: the hub's)")
+    p.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if os.path.exists(args.dir) and os.listdir(args.dir):
+        print(f"{args.dir} exists and is not empty", file=sys.stderr)
+        return 1
+    kwargs = {"num_shards": args.shards} if args.shards else {}
+    paths = write_preset(
+        args.dir, args.preset, fill=args.fill or "dense", layers=args.layers, dtype=args.dtype, seed=args.seed, **kwargs
+    )
+    apparent = sum(os.path.getsize(q) for q in paths)
+    real = sum(os.stat(q).st_blocks * 512 for q in paths)
+    print(f"wrote {args.dir}: {len(paths)} shard(s), {apparent / 1e9:.1f} GB apparent, {real / 1e9:.3f} GB on disk")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

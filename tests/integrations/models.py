@@ -1,10 +1,12 @@
-"""Tiny transformers models with real shapes, built in memory (import as tests.integrations.models)."""
+"""Tiny transformers models with real shapes, built in memory (import as tests.integrations.models).
+On a CUDA machine they live on the GPU, so the compiled kernels are what gets tested."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VOCAB = 256
 
 SHAPES = {
@@ -77,7 +79,7 @@ def tiny_model(shape: str, *, seed: int = 0, **overrides):
                 p.uniform_(0.5, 1.5)
             elif "bias" in name:
                 p.normal_(0.0, 0.1)
-    return model
+    return model.to(DEVICE)
 
 
 def batch(seed: int = 0, length: int = 8, left_pad: int = 0):
@@ -88,4 +90,4 @@ def batch(seed: int = 0, length: int = 8, left_pad: int = 0):
     if left_pad:
         ids[0, :left_pad] = 0
         mask[0, :left_pad] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.integrations.models import batch, tiny_model
+from tests.integrations.models import DEVICE, batch, tiny_model
 from tests.ops.tolerance import rel_error
 from tli_kernels.integrations import PROVENANCE_FILE, apply_tli_kernels, fold_residual_scales
 from tli_kernels.modules import TliDecoderLayer
@@ -149,6 +149,7 @@ def test_fold_gives_the_same_logits_after_save_and_load(tmp_path):
 
     model.save_pretrained(tmp_path)
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    reloaded = reloaded.to(DEVICE)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert not isinstance(reloaded.model.layers[0], TliDecoderLayer)  # a stock model
     with torch.no_grad():
@@ -195,7 +196,7 @@ def _saved_with_provenance(tmp_path, **provenance_fields):
     }
     provenance.update(provenance_fields)
     (tmp_path / PROVENANCE_FILE).write_text(json.dumps(provenance))
-    return model, AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    return model, AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
 
 
 def test_provenance_with_folded_alpha_starts_injected_layers_at_one(tmp_path):
@@ -222,7 +223,7 @@ def test_provenance_with_unfolded_alpha_applies_it(tmp_path):
 def test_no_provenance_means_alpha_one_and_nothing_learnable(tmp_path, caplog):
     model = tiny_model("llama3")
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE)
     with caplog.at_level("WARNING"):
         handle = apply_tli_kernels(loaded, learnable_alpha=True)
     assert handle.residual_scales == {} and handle.learnable_layers == []

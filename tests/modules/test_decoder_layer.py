@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from tests.ops.tolerance import assert_close, rel_error
+from tests.ops.tolerance import DEVICE, assert_close, rel_error
 from tli_kernels.modules import (
     TliDecoderLayer,
     fold_residual_scale,
@@ -46,21 +46,21 @@ def _layer(config, seed=0):
                 p.uniform_(0.5, 1.5)
             elif "bias" in name:
                 p.normal_(0.0, 0.1)
-    return layer
+    return layer.to(DEVICE)
 
 
 def _inputs(config, batch=2, length=8, seed=1):
     torch.manual_seed(seed)
-    x = torch.randn(batch, length, config.hidden_size, requires_grad=True)
-    position_ids = torch.arange(length)[None]
-    cos, sin = LlamaRotaryEmbedding(config)(x, position_ids)
+    x = torch.randn(batch, length, config.hidden_size, device=DEVICE, requires_grad=True)
+    position_ids = torch.arange(length, device=DEVICE)[None]
+    cos, sin = LlamaRotaryEmbedding(config).to(DEVICE)(x, position_ids)
     return x, {"attention_mask": None, "position_ids": position_ids, "position_embeddings": (cos, sin)}
 
 
 def _run(layer, x, kwargs):
     x = x.detach().clone().requires_grad_(True)
     out = layer(x, **kwargs)
-    out.backward(torch.cos(torch.arange(out.numel(), dtype=F32)).view_as(out))
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=F32, device=out.device)).view_as(out))
     grads = {n: p.grad for n, p in layer.named_parameters()}
     return out, x.grad, grads
 
@@ -110,7 +110,7 @@ def test_learnable_alpha_gets_its_gradient():
     x, kwargs = _inputs(config)
 
     patched(x, **kwargs).square().sum().backward()
-    alpha_ref = torch.tensor([0.8], requires_grad=True)
+    alpha_ref = torch.tensor([0.8], device=DEVICE, requires_grad=True)
     _manual_scaled_forward(stock, x.detach(), kwargs, alpha_ref).square().sum().backward()
 
     assert alpha.grad is not None and alpha.grad.abs().item() > 0
@@ -186,7 +186,7 @@ def test_other_attention_implementations_get_transformers_attention_function(mod
     )  # fmt: skip
     config._attn_implementation = "tli_test_recording"
     layer_class = type(MODEL_MAPPING[type(config)](config).layers[0])
-    stock = layer_class(config, 0)
+    stock = layer_class(config, 0).to(DEVICE)
     patched = copy.deepcopy(stock)
     patch_decoder_layer(patched)
     x, kwargs = _inputs(config)

@@ -66,12 +66,17 @@ def test_fused_gate_up_projection_matches(mlp_bias):
     assert list(patched.state_dict()) == list(stock.state_dict())
 
 
-@pytest.mark.parametrize("shape", ["smollm2", "llama3", "mistral", "qwen2"])
-def test_generate_gives_the_same_tokens_with_cache(shape):
+@pytest.mark.parametrize(
+    "shape,cache", [("smollm2", "dynamic"), ("llama3", "dynamic"), ("llama3", "static"), ("mistral", "dynamic"),
+                    ("qwen2", "dynamic")],
+)  # fmt: skip
+def test_generate_gives_the_same_tokens_with_cache(shape, cache):
     stock = tiny_model(shape)
     patched, _ = _patched_copy(stock)
     ids, mask = batch(seed=2, length=6, left_pad=2)
     settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
     with torch.no_grad():
         tokens = patched.generate(ids, **settings)
         tokens_ref = stock.generate(ids, **settings)
@@ -115,6 +120,17 @@ def test_undo_restores_the_original_modules():
     assert not any("residual_scale" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_undo_folds_alpha_so_the_function_stays():
+    model = tiny_model("llama3")
+    handle = apply_tli_kernels(model, residual_scales={1: 0.6})
+    ids, _ = batch(seed=11)
+    with torch.no_grad():
+        patched = model(ids).logits
+        assert handle.undo() == {1: pytest.approx(0.6)}
+        assert rel_error(model(ids).logits, patched) < LOGITS_TOL
+    assert handle.undo() == {}  # a second undo does nothing
 
 
 def test_learnable_alpha_trains():

@@ -24,12 +24,19 @@ ROPE_CONFIGS = {
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8,
     },
+    # yarn scales cos/sin by its attention factor: the kernel must take them as given
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
 }
 
 
 def _cos_sin(rope: str, dtype, per_batch_positions: bool):
     config = LlamaConfig(
-        hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HK, rope_parameters=ROPE_CONFIGS[rope]
+        hidden_size=HQ * D,
+        num_attention_heads=HQ,
+        num_key_value_heads=HK,
+        rope_parameters=ROPE_CONFIGS[rope],
+        max_position_embeddings=32,
     )
     rotary = LlamaRotaryEmbedding(config).to(DEVICE)
     if per_batch_positions:  # e.g. left padding: each row its own positions -> cos/sin [B, S, D]
@@ -45,7 +52,7 @@ def _hf_rope(q, k, cos, sin):
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("rope", ["default", "llama3"])
+@pytest.mark.parametrize("rope", ["default", "llama3", "yarn", "linear"])
 @pytest.mark.parametrize("per_batch_positions", [False, True])
 def test_rope_matches_transformers(rope, per_batch_positions, require_triton):
     torch.manual_seed(0)

@@ -452,6 +452,8 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   } else if (t.op != OpKind::Zeros) {
     transform(t, out, c.begin, c.end, buf);
   }
+  if (job_.options.test_chunk_delay_us)
+    std::this_thread::sleep_for(std::chrono::microseconds(job_.options.test_chunk_delay_us));
   if (stopping()) return;
   if (job_.options.writeback && t.op != OpKind::Zeros && c.end > c.begin)
     ::sync_file_range(out.fd, off_t(t.out_offset + c.begin), off_t(c.end - c.begin), SYNC_FILE_RANGE_WRITE);

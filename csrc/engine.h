@@ -73,6 +73,7 @@ struct Options {
   bool writeback = true;             // start writeback as chunks complete (sync_file_range)
   bool fsync = true;
   bool checksum = true;  // hash what is written (off only to measure its cost: resume then redoes the shard)
+  uint32_t test_chunk_delay_us = 0;  // sleep after each write chunk: lets tests interrupt a tiny job midway
 };
 
 struct Failure {

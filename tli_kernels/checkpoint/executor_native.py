@@ -42,6 +42,9 @@ MAX_BUFFER = 16 << 20
 # In-kernel copies move this much per work item; it costs no user memory.
 COPY_CHUNK = 64 << 20
 POLL_SECONDS = 0.1
+# Test hook: microseconds to sleep after every write chunk, so interrupt tests can stop a small
+# job at a random point of a `tli upscale` subprocess. Never set it otherwise.
+TEST_DELAY_ENV = "TLI_NATIVE_TEST_CHUNK_DELAY_US"
 
 
 class EngineError(RuntimeError):
@@ -198,6 +201,7 @@ def execute_native(
         "checksum": True,
         "buffer_bytes": mem.buffer_bytes,
         "copy_chunk": COPY_CHUNK,
+        "test_chunk_delay_us": int(os.environ.get(TEST_DELAY_ENV, "0")),
         **(tuning or {}),
     }
     engine = _native.Engine(files, job, threads=mem.threads, **knobs)
@@ -244,9 +248,9 @@ def format_checksum(a: int, b: int) -> str:
 
 def _run(engine, progress: Progress | None) -> None:
     """Start the engine and poll it; Ctrl-C (or any exception here) cancels it and waits for cleanup."""
-    engine.start()
     reported = 0
     try:
+        engine.start()
         while not engine.wait(POLL_SECONDS):
             if progress:
                 done = engine.bytes_done

@@ -70,6 +70,8 @@ def check_destination(src: str, dst: str, *, overwrite: bool, resume: bool, part
     if resume or part:
         if os.path.exists(marker):
             return
+        if part and all(n.startswith(INCOMPLETE_MARKER) for n in os.listdir(dst)):
+            return  # another part is creating the marker right now (its temporary file is all there is)
         if resume:
             raise ValueError(f"--resume: {dst} holds no unfinished tli output ({INCOMPLETE_MARKER} missing)")
     if not os.listdir(dst):
@@ -210,11 +212,12 @@ def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool) -> None:
     """Create dst (replacing it with overwrite) and mark it incomplete. Call after check_destination."""
     if os.path.exists(dst) and os.listdir(dst) and overwrite:
         shutil.rmtree(dst)
-    os.makedirs(os.path.join(dst, SHARDS_DIR), exist_ok=True)
+    os.makedirs(dst, exist_ok=True)
     write_json_atomic(
         os.path.join(dst, INCOMPLETE_MARKER),
         {"plan_sha256": plan.digest(), "method": plan.method, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     )
+    os.makedirs(os.path.join(dst, SHARDS_DIR), exist_ok=True)
     fsync_dir(dst)
 
 

@@ -234,7 +234,7 @@ class _SourceFiles:
                 return os.copy_file_range(src_fd, out_fd, count, src_off, out_off)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
-                    raise
+                    raise OSError(e.errno, f"cannot copy into output: {e.strerror}", out_path) from e
                 self.can_copy_file_range = False
         data = os.pread(src_fd, count, src_off)
         _pwrite_all(out_fd, data, out_off, out_path)

@@ -21,16 +21,18 @@ using SourceTuple = std::tuple<uint32_t, uint64_t, int>;
 // (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, sources)
 using TensorTuple =
     std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, std::vector<SourceTuple>>;
-// (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors)
-using ShardTuple = std::tuple<std::string, int, std::string, uint64_t, std::string, std::string, std::vector<TensorTuple>>;
+using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+// (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors, sample ranges)
+using ShardTuple =
+    std::tuple<std::string, int, std::string, uint64_t, std::string, std::string, std::vector<TensorTuple>, Ranges>;
 
 std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string, uint64_t>>& files,
                                          const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
                                          uint64_t copy_chunk, bool copy_file_range, bool sparse, bool writeback,
-                                         bool fsync, bool checksum, uint32_t test_chunk_delay_us) {
+                                         bool fsync, int checksum, uint32_t test_chunk_delay_us) {
   tli::Job job;
   for (const auto& [path, size] : files) job.files.push_back({path, size});
-  for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
+  for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors, ranges] : shards) {
     tli::ShardTask s;
     s.path = path;
     s.mode = static_cast<tli::ShardMode>(mode);
@@ -38,6 +40,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
     s.file_size = file_size;
     s.sidecar_path = sidecar;
     s.sidecar_template = sidecar_template;
+    s.sample_ranges = ranges;
     for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, sources] : tensors) {
       tli::TensorTask t;
       t.name = name;
@@ -62,7 +65,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
   job.options.sparse = sparse;
   job.options.writeback = writeback;
   job.options.fsync = fsync;
-  job.options.checksum = checksum;
+  job.options.checksum = static_cast<tli::ChecksumMode>(checksum);
   job.options.test_chunk_delay_us = test_chunk_delay_us;
   return std::make_unique<tli::Engine>(std::move(job));
 }
@@ -75,7 +78,7 @@ PYBIND11_MODULE(_native, m) {
   py::class_<tli::Engine>(m, "Engine")
       .def(py::init(&make_engine), py::arg("files"), py::arg("shards"), py::arg("threads"), py::arg("buffer_bytes"),
            py::arg("copy_chunk"), py::arg("copy_file_range"), py::arg("sparse"), py::arg("writeback"),
-           py::arg("fsync"), py::arg("checksum") = true, py::arg("test_chunk_delay_us") = 0)
+           py::arg("fsync"), py::arg("checksum") = 1, py::arg("test_chunk_delay_us") = 0)
       .def("start", &tli::Engine::start, py::call_guard<py::gil_scoped_release>())
       .def("wait", &tli::Engine::wait, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("cancel", &tli::Engine::cancel)

@@ -5,11 +5,12 @@
 //                 holes skipped), or up to buffer_bytes / 8 elements transformed through f32
 //   verify range  a word-aligned part of a finished file (Verify mode, for --resume), read back
 //                 and checksummed
-// Checksums of written shards are computed inline: every piece of output is hashed while it is
-// in the worker's buffer (transforms) or read once more from the page cache right after its
-// in-kernel copy. Pieces start and end anywhere, the checksum works on 8-byte words, so each
-// piece adds its whole words and records the word index at each unaligned end; those few words
-// are read back from the finished file (they are complete by then) and added once each.
+// Checksums of written shards: by default (Sample) the sampled ranges are read back when the shard
+// is complete, a few MB per GB. In Full mode every piece of output is hashed while it is in the
+// worker's buffer (transforms) or read once more from the page cache right after its in-kernel
+// copy. Pieces start and end anywhere, the checksum works on 8-byte words, so each piece adds its
+// whole words and records the word index at each unaligned end; those few words are read back
+// from the finished file (they are complete by then) and added once each.
 #include "engine.h"
 
 #include <fcntl.h>
@@ -129,8 +130,8 @@ std::string dirname_of(const std::string& path) {
 }
 
 std::string hex_checksum(const Checksum& c) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "wsum64x2:%016llx%016llx", static_cast<unsigned long long>(c.a),
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(c.a),
                 static_cast<unsigned long long>(c.b));
   return buf;
 }
@@ -394,7 +395,7 @@ void Engine::open_shard(uint32_t s) {
 }
 
 void Engine::hash_piece(uint32_t s, uint64_t file_off, const unsigned char* data, uint64_t n, bool locked) {
-  if (!job_.options.checksum || n == 0) return;
+  if (!full_checksum() || n == 0) return;
   ShardState& st = *state_[s];
   const uint64_t end = file_off + n;
   const uint64_t first = (file_off + 7) & ~uint64_t(7), last = end & ~uint64_t(7);  // whole words: [first, last)
@@ -466,21 +467,26 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   if (last) finalize(c.shard, buf);
 }
 
-// Verify mode: queue the file's read-back ranges (called before the workers start).
+// Verify mode: queue the read-back ranges (the sampled ones, or the whole file), before the workers start.
 void Engine::queue_verify(uint32_t s) {
-  const uint64_t size = job_.shards[s].file_size, step = job_.options.buffer_bytes;
+  const ShardTask& sh = job_.shards[s];
+  std::vector<std::pair<uint64_t, uint64_t>> ranges = sh.sample_ranges;
+  if (ranges.empty()) ranges.emplace_back(0, sh.file_size);
+  const uint64_t step = job_.options.buffer_bytes;  // a multiple of 4096: pieces stay word-aligned
   ShardState& st = *state_[s];
-  st.verify_left = size == 0 ? 1 : (size + step - 1) / step;
-  for (uint64_t off = 0; off < size || (size == 0 && off == 0); off += step) {
-    Chunk c;
-    c.shard = s;
-    c.begin = off;
-    c.end = std::min(size, off + step);
-    c.verify = true;
-    verify_queue_.push_back(c);
-    if (size == 0) break;
+  st.verify_left = 0;
+  for (const auto& [begin, end] : ranges) {
+    for (uint64_t off = begin; off < end || (off == begin && begin == end); off += step) {
+      Chunk c;
+      c.shard = s;
+      c.begin = off;
+      c.end = std::min(end, off + step);
+      c.verify = true;
+      verify_queue_.push_back(c);
+      ++st.verify_left;
+      if (begin == end) break;
+    }
   }
-  cv_.notify_all();
 }
 
 void Engine::verify_chunk(const Chunk& c, unsigned char* buf) {
@@ -506,9 +512,17 @@ void Engine::finalize(uint32_t s, unsigned char* buf) {
   Checksum sum{st.sum_a.load(), st.sum_b.load()};
   if (sh.mode == ShardMode::Write) {
     const std::string partial = partial_path(s);
-    const Checksum edges = edge_sum(s, buf);
-    sum.a += edges.a;
-    sum.b += edges.b;
+    if (full_checksum()) {
+      const Checksum edges = edge_sum(s, buf);
+      sum.a += edges.a;
+      sum.b += edges.b;
+    } else if (job_.options.checksum == ChecksumMode::Sample) {
+      for (const auto& [begin, end] : sh.sample_ranges) {
+        const Checksum c = checksum_range(st.fd, begin, end, buf, job_.options.buffer_bytes, partial, nullptr);
+        sum.a += c.a;
+        sum.b += c.b;
+      }
+    }
     // The output is only as good as its sources were for the whole time it was being written.
     for (uint32_t f = 0; f < job_.files.size(); ++f) check_source(f, "");
     if (job_.options.fsync && ::fsync(st.fd) != 0) throw output_failure("fsync failed", partial, "", errno);
@@ -516,7 +530,8 @@ void Engine::finalize(uint32_t s, unsigned char* buf) {
     if (!sh.sidecar_path.empty()) {
       std::string content = sh.sidecar_template;
       const auto at = content.find("@CHECKSUM@");
-      if (at != std::string::npos) content.replace(at, 10, job_.options.checksum ? hex_checksum(sum) : "none");
+      if (at != std::string::npos)
+        content.replace(at, 10, job_.options.checksum == ChecksumMode::None ? "none" : hex_checksum(sum));
       write_file_atomic(sh.sidecar_path, content);
     }
     if (::rename(partial.c_str(), sh.path.c_str()) != 0)
@@ -589,7 +604,7 @@ void Engine::copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const O
                                  " (file truncated or changed during the run)",
                              src.path, t.name);
       // Hash what was copied: read it once more, from the page cache it was just copied from.
-      for (uint64_t done = 0; job_.options.checksum && done < uint64_t(r);) {
+      for (uint64_t done = 0; full_checksum() && done < uint64_t(r);) {
         const uint64_t k = std::min(uint64_t(r) - done, job_.options.buffer_bytes);
         pread_all(in_fd, buf, k, in_off + done, src.path, t.name, "source");
         hash_piece(out.shard, out_off + done, buf, k);

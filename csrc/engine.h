@@ -6,8 +6,9 @@
 // (tli_kernels/checkpoint/executor_native.py). Design notes: docs/engine.md.
 //
 // Life of a shard: NAME.partial is created at its full size (all holes), the header written,
-// its tensors written chunk by chunk by any worker (each piece checksummed as it passes through),
-// then fsynced, its sidecar written, renamed to NAME and the folder fsynced.
+// its tensors written chunk by chunk by any worker, checksummed (sampled ranges read back, or
+// every piece hashed as it passes through), fsynced, its sidecar written, renamed to NAME and
+// the folder fsynced.
 // Memory: each worker owns one buffer of `buffer_bytes`; nothing else grows with the model.
 #pragma once
 
@@ -49,14 +50,19 @@ struct TensorTask {
 
 enum class ShardMode : uint8_t { Write = 0, Verify = 1 };
 
+// What a shard's checksum covers: nothing, the sampled ranges of ShardTask, or every byte.
+enum class ChecksumMode : uint8_t { None = 0, Sample = 1, Full = 2 };
+
 struct ShardTask {
   std::string path;  // final path; written as path + ".partial"
   ShardMode mode = ShardMode::Write;
   std::string header;  // Write: the exact header bytes (length prefix included)
   uint64_t file_size = 0;
   std::string sidecar_path;      // Write: written (atomically) before the rename, if not empty
-  std::string sidecar_template;  // "@CHECKSUM@" is replaced by the hex checksum
+  std::string sidecar_template;  // "@CHECKSUM@" is replaced by the checksum's 32 hex digits
   std::vector<TensorTask> tensors;
+  // ChecksumMode::Sample: the word-aligned byte ranges hashed (read back from the file).
+  std::vector<std::pair<uint64_t, uint64_t>> sample_ranges;
 };
 
 struct SourceFile {
@@ -72,7 +78,7 @@ struct Options {
   bool sparse = true;                // skip source holes (SEEK_DATA / SEEK_HOLE)
   bool writeback = true;             // start writeback as chunks complete (sync_file_range)
   bool fsync = true;
-  bool checksum = true;  // hash what is written (off only to measure its cost: resume then redoes the shard)
+  ChecksumMode checksum = ChecksumMode::Sample;
   uint32_t test_chunk_delay_us = 0;  // sleep after each write chunk: lets tests interrupt a tiny job midway
 };
 
@@ -137,6 +143,7 @@ class Engine {
   void write_chunk(const Chunk& c, unsigned char* buf);
   void verify_chunk(const Chunk& c, unsigned char* buf);
   void queue_verify(uint32_t s);
+  bool full_checksum() const { return job_.options.checksum == ChecksumMode::Full; }
   void hash_piece(uint32_t s, uint64_t file_off, const unsigned char* data, uint64_t n, bool locked = false);
   Checksum edge_sum(uint32_t s, unsigned char* buf);
   void finalize(uint32_t s, unsigned char* buf);

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from tli_kernels import __version__
-from tli_kernels.checkpoint import executor_native, output
+from tli_kernels.checkpoint import checksum, executor_native, output
 from tli_kernels.checkpoint.executor_python import execute_python
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import SurgeryPlan
@@ -108,14 +108,18 @@ def upscale(
     max_memory: int = 512 << 20,
     threads: int | None = None,
     progress: bool = False,
+    verify: str = "sample",
 ) -> UpscaleResult:
     """Upscale the checkpoint in src into dst (see SPEC section 2 and docs/engine.md).
 
     part="i/n" writes every n-th shard starting at i-1 and leaves the folder unfinished; the same
     call without part and with resume=True then re-verifies every shard, writes what is missing
-    and finishes. engine=None picks native when built.
+    and finishes. engine=None picks native when built. verify: what each shard's checksum covers,
+    "sample" (header + 4 KiB per MiB, free) or "full" (every byte; costs a read of the output).
     """
     engine = resolve_engine(engine)
+    if verify not in checksum.MODES:
+        raise ValueError(f"--verify {verify!r}: choose one of {', '.join(checksum.MODES)}")
     part_of = parse_part(part)
     if part_of is not None and overwrite:
         raise ValueError("--part cannot be combined with --overwrite: parts share DST (delete it first to start over)")
@@ -146,7 +150,7 @@ def upscale(
 
     bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), method) if progress else None
     try:
-        _execute(engine, plan, layout, dst, todo, max_memory, threads, bar.update if bar else None)
+        _execute(engine, plan, layout, dst, todo, max_memory, threads, bar.update if bar else None, verify)
     finally:
         if bar:
             bar.close()
@@ -156,24 +160,32 @@ def upscale(
     return result
 
 
-def _execute(engine, plan, layout, dst, todo, max_memory, threads, progress) -> None:
+def _execute(engine, plan, layout, dst, todo, max_memory, threads, progress, verify) -> None:
     if not todo:
         return
     digest = plan.digest()
     if engine == "native":
         sidecar = lambda i: (  # noqa: E731
             output.sidecar_path(dst, plan.shards[i].file),
-            output.sidecar_template(plan, i, digest),
+            output.sidecar_template(plan, i, verify, digest),
         )
         executor_native.execute_native(
-            plan, layout, dst, max_memory=max_memory, shards=todo, threads=threads, progress=progress, sidecar=sidecar
+            plan,
+            layout,
+            dst,
+            max_memory=max_memory,
+            shards=todo,
+            threads=threads,
+            progress=progress,
+            sidecar=sidecar,
+            checksum=verify,
         )
         return
     for i in todo:  # one shard at a time, so each gets its sidecar as soon as it is in place
         execute_python(plan, layout, dst, max_memory=max_memory, shards=[i], progress=progress)
         path = os.path.join(dst, plan.shards[i].file)
-        (checksum,) = output.checksum_files([(path, plan.shards[i].file_size)], max_memory=max_memory)
-        output.record_shard(dst, plan, i, checksum, digest)
+        (recorded,) = checksum.checksum_files([(path, plan.shards[i].file_size)], verify, max_memory=max_memory)
+        output.record_shard(dst, plan, i, recorded, digest)
 
 
 def _progress_bar(total: int, method: str):

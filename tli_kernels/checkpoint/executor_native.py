@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tli_kernels.checkpoint import checksum as checksum_def
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import SurgeryPlan, validate_plan
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES
@@ -126,6 +127,7 @@ def build_job(
     dst: str,
     shards: Iterable[int],
     sidecar: Callable[[int], tuple[str, str]] | None = None,
+    checksum: str = "sample",
 ) -> tuple[list[tuple[str, int]], list[tuple]]:
     """The resolved job: (source files as (path, size), shards as the tuples csrc/bindings.cpp reads)."""
     validate_plan(plan, layout.tensors)
@@ -165,7 +167,8 @@ def build_job(
             pos += t.nbytes
         assert pos == shard.file_size, (shard.file, pos, shard.file_size)
         side_path, side_template = sidecar(i) if sidecar else ("", "")
-        job.append((os.path.join(dst, shard.file), _MODE_WRITE, header, pos, side_path, side_template, tensors))
+        ranges = checksum_def.sample_ranges(pos, len(header)) if checksum == "sample" else []
+        job.append((os.path.join(dst, shard.file), _MODE_WRITE, header, pos, side_path, side_template, tensors, ranges))
     return files, job
 
 
@@ -179,26 +182,30 @@ def execute_native(
     threads: int | None = None,
     progress: Progress | None = None,
     sidecar: Callable[[int], tuple[str, str]] | None = None,
+    checksum: str = "sample",
     tuning: dict | None = None,
 ) -> dict[int, str]:
     """Write the plan's shards (all, or the given indices) into the existing folder dst.
 
     sidecar(i) -> (path, template) names the file written (atomically, before the rename) when
-    shard i completes; "@CHECKSUM@" in the template becomes the shard's checksum. Returns
-    {shard index: checksum} of the shards written. tuning: switches for tests and benchmarks
+    shard i completes; "@CHECKSUM@" in the template becomes the shard's checksum (32 hex digits)
+    with the coverage `checksum` ("sample", "full" or "none"; checksum.py). Returns
+    {shard index: 32 hex digits} of the shards written. tuning: switches for tests and benchmarks
     (copy_file_range, sparse, writeback, fsync, checksum: True by default; buffer_bytes and
     copy_chunk replace the sizes derived from max_memory).
     """
     _require()
     todo = list(range(len(plan.shards)) if shards is None else shards)
-    files, job = build_job(plan, layout, dst, todo, sidecar)
+    if checksum not in checksum_def.CODES:
+        raise ValueError(f"checksum {checksum!r}: choose one of {', '.join(checksum_def.CODES)}")
+    files, job = build_job(plan, layout, dst, todo, sidecar, checksum)
     mem = memory_plan(max_memory, threads)
     knobs = {
         "copy_file_range": True,
         "sparse": True,
         "writeback": True,
         "fsync": True,
-        "checksum": True,
+        "checksum": checksum_def.CODES[checksum],
         "buffer_bytes": mem.buffer_bytes,
         "copy_chunk": COPY_CHUNK,
         "test_chunk_delay_us": int(os.environ.get(TEST_DELAY_ENV, "0")),
@@ -211,15 +218,18 @@ def execute_native(
 
 def verify_files(
     files: list[tuple[str, int]],
+    ranges: list[list[tuple[int, int]] | None] | None = None,
     *,
     max_memory: int = 512 << 20,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Checksums of finished files given as (path, expected size), read back in parallel, holes skipped."""
+    """Checksums (32 hex digits) of finished files given as (path, expected size), over the given
+    word-aligned ranges of each (None: the whole file), read back in parallel, holes skipped."""
     _require()
     mem = memory_plan(max_memory, threads)
-    job = [(path, _MODE_VERIFY, b"", size, "", "", []) for path, size in files]
+    ranges = ranges or [None] * len(files)
+    job = [(path, _MODE_VERIFY, b"", size, "", "", [], r or []) for (path, size), r in zip(files, ranges)]
     engine = _native.Engine(
         [],
         job,
@@ -237,13 +247,13 @@ def verify_files(
 
 
 def checksum_file(path: str) -> str:
-    """One file's checksum on the calling thread (tests compare it with output.checksum_file_python)."""
+    """One whole file's checksum on the calling thread (tests compare it with checksum.checksum_python)."""
     _require()
     return format_checksum(*_native.checksum_file(path))
 
 
 def format_checksum(a: int, b: int) -> str:
-    return f"wsum64x2:{a:016x}{b:016x}"
+    return f"{a:016x}{b:016x}"
 
 
 def _run(engine, progress: Progress | None) -> None:

@@ -6,8 +6,8 @@ Protocol (the same for both executors), so that no incomplete output passes for 
 2. DST/.tli-incomplete.json is written first; it names the plan's digest.
 3. Shards are written as NAME.partial, fsynced, renamed to NAME when complete. Each finished shard
    gets a sidecar DST/.tli-shards/NAME.json with its size, header hash, the plan digest and a
-   content checksum (wsum64x2, below), written before the rename by the native engine and right
-   after it by the Python one.
+   content checksum (checksum.py: sampled by default, every byte with verify="full"), written
+   before the rename by the native engine and right after it by the Python one.
 4. Last: the index, tokenizer/generation files, tli_provenance.json, then config.json, then the
    marker is removed (and the sidecars with it). Without config.json transformers refuses the
    folder; with the marker present tli refuses it.
@@ -17,7 +17,6 @@ checksum all agree; anything else is written again. docs/engine.md has the whole
 
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import json
@@ -27,8 +26,8 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
+from tli_kernels.checkpoint import checksum as checksum_def
+from tli_kernels.checkpoint.checksum import data_extents
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.executor_python import PARTIAL_SUFFIX, fsync_dir
 from tli_kernels.checkpoint.layout import (
@@ -162,24 +161,6 @@ class SourceExtents:
         return 0
 
 
-def data_extents(fd: int, begin: int, end: int):
-    """(data, hole) ranges of fd within [begin, end); the whole range where SEEK_DATA is unsupported."""
-    pos = begin
-    while pos < end:
-        try:
-            d = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return
-            yield pos, end
-            return
-        if d >= end:
-            return
-        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
-        yield d, h
-        pos = h
-
-
 def check_free_disk(dst: str, plan: SurgeryPlan, shards: list[int], need: int | None = None) -> None:
     need = bytes_to_write(plan, shards) if need is None else need
     have = free_bytes(dst)
@@ -237,12 +218,14 @@ def sidecar_record(plan: SurgeryPlan, i: int, checksum: str, digest: str | None 
     }
 
 
-def sidecar_template(plan: SurgeryPlan, i: int, digest: str | None = None) -> str:
-    """The sidecar of shard i as text, with CHECKSUM_PLACEHOLDER where the engine puts the checksum."""
-    return json.dumps(sidecar_record(plan, i, CHECKSUM_PLACEHOLDER, digest), indent=2) + "\n"
+def sidecar_template(plan: SurgeryPlan, i: int, mode: str = "sample", digest: str | None = None) -> str:
+    """The sidecar of shard i as text, with CHECKSUM_PLACEHOLDER where the engine puts the hex digits."""
+    record = sidecar_record(plan, i, checksum_def.label(mode, CHECKSUM_PLACEHOLDER), digest)
+    return json.dumps(record, indent=2) + "\n"
 
 
 def record_shard(dst: str, plan: SurgeryPlan, i: int, checksum: str, digest: str | None = None) -> None:
+    """Write shard i's sidecar; checksum is labelled (checksum.label)."""
     path = sidecar_path(dst, plan.shards[i].file)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -250,43 +233,6 @@ def record_shard(dst: str, plan: SurgeryPlan, i: int, checksum: str, digest: str
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-_POSITION_MUL = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def checksum_file_python(path: str, chunk: int = 8 << 20) -> str:
-    """wsum64x2 of a file (csrc/checksum.h has the definition), in numpy; holes are skipped."""
-    a = b = 0
-    with open(path, "rb") as f:
-        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
-        for data, hole in list(data_extents(fd, 0, size)):
-            data, hole = data & ~7, min(size, (hole + 7) & ~7)
-            for off in range(data, hole, chunk):
-                raw = os.pread(fd, min(chunk, hole - off), off)
-                raw += b"\0" * (-len(raw) % 8)
-                w = np.frombuffer(raw, dtype=np.uint64)
-                index = np.arange(off // 8, off // 8 + len(w), dtype=np.uint64)
-                a += int((w * ((index * _POSITION_MUL) | np.uint64(1))).sum(dtype=np.uint64))
-                b += int(_mix64(w).sum(dtype=np.uint64))
-    return f"wsum64x2:{a % 2**64:016x}{b % 2**64:016x}"
-
-
-def checksum_files(
-    files: list[tuple[str, int]], *, max_memory: int = 512 << 20, threads: int | None = None
-) -> list[str]:
-    """Checksums of (path, size) files: the native engine's parallel read-back when built, else numpy."""
-    from tli_kernels.checkpoint import executor_native
-
-    if executor_native.available():
-        return executor_native.verify_files(files, max_memory=max_memory, threads=threads)
-    return [checksum_file_python(path) for path, _ in files]
 
 
 def completed_shards(
@@ -299,10 +245,11 @@ def completed_shards(
     threads: int | None = None,
 ) -> set[int]:
     """Shards (of candidates, default all) already finished: renamed into place with the plan's size
-    and header, and a sidecar of this plan whose checksum matches the file's content (re-read when
-    verify). A shard failing any test is reported on stderr when it had a sidecar, and not counted."""
+    and header, and a sidecar of this plan whose checksum matches the file's content (re-read, with
+    the coverage the sidecar records, when verify). A shard with a sidecar that fails the checksum
+    is reported on stderr; none of the failing shards is counted."""
     digest = plan.digest()
-    found: list[tuple[int, str, str]] = []
+    found: list[tuple[int, str, str]] = []  # (shard, path, recorded checksum)
     for i in range(len(plan.shards)) if candidates is None else candidates:
         shard = plan.shards[i]
         path = os.path.join(dst, shard.file)
@@ -319,12 +266,20 @@ def completed_shards(
             continue  # finished before its sidecar landed (Python engine) or never finished: redo
         if not isinstance(record, dict) or record != sidecar_record(plan, i, record.get("checksum"), digest):
             continue
+        if checksum_def.parse(record["checksum"]) is None:
+            continue  # e.g. "none": written without a checksum, nothing to verify it by
         found.append((i, path, record["checksum"]))
     if not verify or not found:
         return {i for i, _, _ in found}
-    sums = checksum_files([(p, plan.shards[i].file_size) for i, p, _ in found], max_memory=max_memory, threads=threads)
+    now_by_shard: dict[int, str] = {}
+    for mode in checksum_def.MODES:
+        group = [(i, p) for i, p, r in found if checksum_def.parse(r)[0] == mode]
+        files = [(p, plan.shards[i].file_size) for i, p in group]
+        sums = checksum_def.checksum_files(files, mode, max_memory=max_memory, threads=threads)
+        now_by_shard.update({i: s for (i, _), s in zip(group, sums)})
     done = set()
-    for (i, path, recorded), now in zip(found, sums):
+    for i, path, recorded in found:
+        now = now_by_shard[i]
         if now == recorded:
             done.add(i)
         else:

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -347,36 +348,59 @@ void Engine::worker() {
   }
 }
 
-// Called with mu_ held. Verify ranges first, then the next write chunk in file order.
+// Called with mu_ held. Verify ranges first; then the next chunk of an open shard, each shard's
+// chunks in file order; then a shard not yet opened. At most one worker copies into a given file
+// at a time: ext4 (and most file systems) serialise writers of one file on its inode lock, so a
+// second copier only burns CPU; it takes another shard instead. Transforms are CPU work and
+// share a file freely.
 bool Engine::next_chunk(Chunk& c, std::unique_lock<std::mutex>&) {
   if (!verify_queue_.empty()) {
     c = verify_queue_.front();
     verify_queue_.pop_front();
     return true;
   }
-  while (cur_shard_ < job_.shards.size()) {
-    const ShardTask& sh = job_.shards[cur_shard_];
-    if (sh.mode != ShardMode::Write || cur_tensor_ >= sh.tensors.size()) {
-      ++cur_shard_;
-      cur_tensor_ = 0;
-      cur_offset_ = 0;
-      continue;
+  for (size_t k = 0; k < active_.size(); ++k) {
+    if (take_chunk(active_[k], c)) {
+      if (state_[c.shard]->next_tensor >= job_.shards[c.shard].tensors.size())
+        active_.erase(active_.begin() + long(k));  // every chunk handed out
+      return true;
     }
-    if (!state_[cur_shard_]->opened) open_shard(cur_shard_);
-    const TensorTask& t = sh.tensors[cur_tensor_];
-    c.shard = cur_shard_;
-    c.tensor = cur_tensor_;
-    c.begin = cur_offset_;
-    c.end = std::min(t.nbytes, cur_offset_ + chunk_bytes(t));
-    c.verify = false;
-    cur_offset_ = c.end;
-    if (cur_offset_ >= t.nbytes) {
-      ++cur_tensor_;
-      cur_offset_ = 0;
-    }
-    return true;
+  }
+  while (next_shard_ < job_.shards.size()) {
+    const uint32_t s = next_shard_++;
+    if (job_.shards[s].mode != ShardMode::Write) continue;
+    open_shard(s);
+    active_.push_back(s);
+    const bool got = take_chunk(s, c);
+    assert(got);  // a fresh shard has chunks and a free copy lane
+    (void)got;
+    if (state_[s]->next_tensor >= job_.shards[s].tensors.size()) active_.pop_back();
+    return got;
   }
   return false;
+}
+
+// Called with mu_ held: the shard's next chunk, unless it is a copy and another worker is copying
+// into this file.
+bool Engine::take_chunk(uint32_t s, Chunk& c) {
+  ShardState& st = *state_[s];
+  const ShardTask& sh = job_.shards[s];
+  const TensorTask& t = sh.tensors[st.next_tensor];
+  const bool copy = t.op == OpKind::ByteCopy && t.nbytes > 0;
+  if (copy && st.copying) return false;
+  c.shard = s;
+  c.tensor = st.next_tensor;
+  c.begin = st.next_offset;
+  c.end = std::min(t.nbytes, st.next_offset + chunk_bytes(t));
+  c.verify = false;
+  c.copy_lane = copy;
+  st.copying = st.copying || copy;
+  st.next_offset = c.end;
+  if (st.next_offset >= t.nbytes) {
+    ++st.next_tensor;
+    st.next_offset = 0;
+  }
+  return true;
 }
 
 // Called with mu_ held (cheap: create, size, header).
@@ -462,7 +486,12 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   bool last;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    last = --state_[c.shard]->write_left == 0;
+    ShardState& st = *state_[c.shard];
+    last = --st.write_left == 0;
+    if (c.copy_lane) {
+      st.copying = false;
+      cv_.notify_all();
+    }
   }
   if (last) finalize(c.shard, buf);
 }

@@ -119,11 +119,15 @@ class Engine {
     uint32_t shard = 0, tensor = 0;
     uint64_t begin = 0, end = 0;  // bytes: within the tensor (write) or the file (verify)
     bool verify = false;
+    bool copy_lane = false;  // an in-kernel copy: holds the shard's single copy lane
   };
   struct ShardState {
     int fd = -1;
     bool opened = false, done = false, renamed = false;
-    uint64_t write_left = 0, verify_left = 0;  // guarded by mu_
+    uint64_t write_left = 0, verify_left = 0;  // guarded by mu_ (as are the next three)
+    uint32_t next_tensor = 0;                   // the shard's cursor: next chunk to hand out
+    uint64_t next_offset = 0;
+    bool copying = false;                       // a worker is copying into this file
     std::vector<uint64_t> edge_words;           // guarded by mu_: words only partly inside a piece
     std::atomic<uint64_t> sum_a{0}, sum_b{0};
   };
@@ -139,6 +143,7 @@ class Engine {
 
   void worker();
   bool next_chunk(Chunk& c, std::unique_lock<std::mutex>& lk);
+  bool take_chunk(uint32_t s, Chunk& c);
   void open_shard(uint32_t s);
   void write_chunk(const Chunk& c, unsigned char* buf);
   void verify_chunk(const Chunk& c, unsigned char* buf);
@@ -170,8 +175,8 @@ class Engine {
   std::condition_variable cv_;       // workers: work or stop
   std::condition_variable done_cv_;  // waiters: finished_
   std::deque<Chunk> verify_queue_;
-  uint32_t cur_shard_ = 0, cur_tensor_ = 0;  // the write cursor
-  uint64_t cur_offset_ = 0;
+  std::vector<uint32_t> active_;  // open shards with chunks not yet handed out, in file order
+  uint32_t next_shard_ = 0;       // the next shard to open
   uint32_t shards_done_ = 0;
   int workers_left_ = 0;
   bool finished_ = false, started_ = false;

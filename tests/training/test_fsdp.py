@@ -1,0 +1,55 @@
+"""FSDP2 under torchrun: two gloo processes on the CPU follow the single-process loss curve (same
+windows per step: 2 ranks x 2 windows = 1 process x 2 micro-steps x 2 windows), save a checkpoint
+stock transformers loads, and resume from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tli_kernels.training.trainer import TrainConfig, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _torchrun(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tli_kernels.cli.main", "train", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_and_resume(token_files, tiny_tli, tmp_path):
+    train_file, held_file = token_files
+    common = dict(data_file=train_file, eval_data_file=held_file, seq_len=32, micro_batch=2, steps=8, lr=3e-3,
+                  warmup=2, eval_every=2, eval_tokens=512, learnable_alpha=True)  # fmt: skip
+    single = train(TrainConfig(model=tiny_tli, output=str(tmp_path / "one"), accum=2, progress=False, **common))
+
+    flags = []
+    for k, v in common.items():
+        flag = "--" + k.replace("_file", "").replace("_", "-")
+        flags += [flag] if v is True else [flag, str(v)]
+    out = str(tmp_path / "two")
+    _torchrun([tiny_tli, "-o", out, "--accum", "1", "--stop-after", "4", "--quiet", *flags])
+    _torchrun([tiny_tli, "-o", out, "--accum", "1", "--resume", "--quiet", *flags])
+
+    history = json.load(open(os.path.join(out, "history.json")))
+    assert [h["loss"] for h in history["steps"]] == pytest.approx([h["loss"] for h in single.history], abs=1e-5)
+    assert [e["heldout_loss"] for e in history["evals"]] == pytest.approx(
+        [e["heldout_loss"] for e in single.evals], abs=1e-5
+    )
+    a = load_file(os.path.join(single.checkpoint, "model.safetensors"))
+    b = load_file(os.path.join(out, "step-000008", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    training = json.load(open(os.path.join(out, "step-000008", "tli_training.json")))
+    assert training["world_size"] == 2

@@ -1,0 +1,50 @@
+"""Hook-applied residual scales: scaling both branches of a layer by m is the same model as
+multiplying its o_proj / down_proj by m (what a checkpoint stores)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tli_kernels.training.residual import Trainee, alpha_parameters, branch_weights, fold_into_state_dict
+
+
+def _tiny(layers=4):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_hooks_equal_folded_weights_and_keep_the_state_dict_stock():
+    lm = _tiny()
+    reference = copy.deepcopy(lm)
+    keys = set(lm.state_dict())
+    trainee = Trainee(lm, [1, 3])
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(trainee(x), reference(input_ids=x).logits)  # m = 1: nothing changes
+        trainee.residual_scales["1"].fill_(0.25)
+        trainee.residual_scales["3"].fill_(-2.0)
+        scales = {i: float(p) for i, p in alpha_parameters(trainee).items()}
+        assert scales == {1: 0.25, 3: -2.0}
+        reference.load_state_dict(fold_into_state_dict(reference.state_dict(), scales))
+        torch.testing.assert_close(trainee(x), reference(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    assert set(trainee.lm.state_dict()) == keys  # the scales are not in the model's state dict
+    assert set(branch_weights(lm.state_dict(), [3])) == {
+        "model.layers.3.self_attn.o_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+    }
+
+
+def test_scale_gradient_flows():
+    trainee = Trainee(_tiny(), [2])
+    x = torch.randint(0, 64, (2, 8))
+    trainee(x).float().square().mean().backward()
+    g = trainee.residual_scales["2"].grad
+    assert g is not None and g.abs().item() > 0

@@ -21,10 +21,8 @@ using SourceTuple = std::tuple<uint32_t, uint64_t, int>;
 // (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, sources)
 using TensorTuple =
     std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, std::vector<SourceTuple>>;
-using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
-// (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors, sample ranges)
-using ShardTuple =
-    std::tuple<std::string, int, std::string, uint64_t, std::string, std::string, std::vector<TensorTuple>, Ranges>;
+// (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors)
+using ShardTuple = std::tuple<std::string, int, std::string, uint64_t, std::string, std::string, std::vector<TensorTuple>>;
 
 std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string, uint64_t>>& files,
                                          const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
@@ -32,7 +30,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
                                          bool fsync, int checksum, uint32_t test_chunk_delay_us) {
   tli::Job job;
   for (const auto& [path, size] : files) job.files.push_back({path, size});
-  for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors, ranges] : shards) {
+  for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
     tli::ShardTask s;
     s.path = path;
     s.mode = static_cast<tli::ShardMode>(mode);
@@ -40,7 +38,6 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
     s.file_size = file_size;
     s.sidecar_path = sidecar;
     s.sidecar_template = sidecar_template;
-    s.sample_ranges = ranges;
     for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, sources] : tensors) {
       tli::TensorTask t;
       t.name = name;
@@ -108,4 +105,8 @@ PYBIND11_MODULE(_native, m) {
         }
       },
       py::arg("path"), py::arg("buffer_bytes") = 8 << 20);
+
+  m.def(
+      "sample_ranges", [](uint64_t size, uint64_t header_len) { return tli::sample_ranges(size, header_len); },
+      py::arg("size"), py::arg("header_len"), "The sampled checksum's ranges, as csrc computes them (for tests).");
 }

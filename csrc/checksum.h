@@ -11,8 +11,11 @@
 // per word: hashing runs faster than the pread that feeds it. checksum.py has the numpy twin.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace tli {
 
@@ -49,6 +52,31 @@ inline void checksum_add(Checksum& c, const unsigned char* data, uint64_t n, uin
   }
   c.a += a;
   c.b += b;
+}
+
+// The "sample" coverage (tli_kernels/checkpoint/checksum.py, sample_ranges): the header
+// [0, header_len), a 4 KiB block at every MiB and the last 4 KiB, word-aligned, merged, sorted.
+constexpr uint64_t kSampleStride = 1 << 20;
+constexpr uint64_t kSampleBlock = 4096;
+
+inline std::vector<std::pair<uint64_t, uint64_t>> sample_ranges(uint64_t size, uint64_t header_len) {
+  std::vector<std::pair<uint64_t, uint64_t>> raw, out;
+  auto add = [&](uint64_t b, uint64_t e) {
+    e = std::min(e, size);
+    if (e > b) raw.emplace_back(b & ~uint64_t(7), std::min(size, (e + 7) & ~uint64_t(7)));
+  };
+  add(0, header_len);
+  add(size > kSampleBlock ? size - kSampleBlock : 0, size);
+  for (uint64_t k = 0; k < size; k += kSampleStride) add(k, k + kSampleBlock);
+  std::sort(raw.begin(), raw.end());
+  for (const auto& r : raw) {
+    if (!out.empty() && r.first <= out.back().second) {
+      out.back().second = std::max(out.back().second, r.second);
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
 }
 
 }  // namespace tli

@@ -234,7 +234,10 @@ void Engine::start() {
         struct stat fs;
         if (::fstat(st.fd, &fs) != 0 || uint64_t(fs.st_size) != sh.file_size)
           throw Failure{"size changed before verification", sh.path, "", 0, "output"};
-        queue_verify(uint32_t(s));
+        const uint64_t step = job_.options.buffer_bytes;
+        st.verify_left = job_.options.checksum == ChecksumMode::Sample || sh.file_size == 0
+                             ? 1
+                             : (sh.file_size + step - 1) / step;
       }
     }
   } catch (const Failure& f) {
@@ -354,11 +357,7 @@ void Engine::worker() {
 // second copier only burns CPU; it takes another shard instead. Transforms are CPU work and
 // share a file freely.
 bool Engine::next_chunk(Chunk& c, std::unique_lock<std::mutex>&) {
-  if (!verify_queue_.empty()) {
-    c = verify_queue_.front();
-    verify_queue_.pop_front();
-    return true;
-  }
+  if (next_verify_chunk(c)) return true;
   for (size_t k = 0; k < active_.size(); ++k) {
     if (take_chunk(active_[k], c)) {
       if (state_[c.shard]->next_tensor >= job_.shards[c.shard].tensors.size())
@@ -496,33 +495,58 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   if (last) finalize(c.shard, buf);
 }
 
-// Verify mode: queue the read-back ranges (the sampled ones, or the whole file), before the workers start.
-void Engine::queue_verify(uint32_t s) {
-  const ShardTask& sh = job_.shards[s];
-  std::vector<std::pair<uint64_t, uint64_t>> ranges = sh.sample_ranges;
-  if (ranges.empty()) ranges.emplace_back(0, sh.file_size);
-  const uint64_t step = job_.options.buffer_bytes;  // a multiple of 4096: pieces stay word-aligned
-  ShardState& st = *state_[s];
-  st.verify_left = 0;
-  for (const auto& [begin, end] : ranges) {
-    for (uint64_t off = begin; off < end || (off == begin && begin == end); off += step) {
-      Chunk c;
-      c.shard = s;
-      c.begin = off;
-      c.end = std::min(end, off + step);
-      c.verify = true;
-      verify_queue_.push_back(c);
-      ++st.verify_left;
-      if (begin == end) break;
+// Called with mu_ held. Verify mode: a whole shard's sample, or the next buffer-sized range.
+bool Engine::next_verify_chunk(Chunk& c) {
+  const uint64_t step = job_.options.buffer_bytes;  // a multiple of 4096: ranges stay word-aligned
+  while (verify_shard_ < job_.shards.size()) {
+    const uint32_t s = verify_shard_;
+    const ShardTask& sh = job_.shards[s];
+    if (sh.mode != ShardMode::Verify) {
+      ++verify_shard_;
+      continue;
     }
+    c.shard = s;
+    c.verify = true;
+    c.sampled = job_.options.checksum == ChecksumMode::Sample;
+    c.begin = verify_offset_;
+    c.end = c.sampled ? sh.file_size : std::min(sh.file_size, verify_offset_ + step);
+    verify_offset_ = c.end;
+    if (verify_offset_ >= sh.file_size) {
+      ++verify_shard_;
+      verify_offset_ = 0;
+    }
+    return true;
   }
+  return false;
+}
+
+Checksum Engine::sample_sum(int fd, uint64_t size, uint64_t header_len, const std::string& path,
+                            unsigned char* buf) {
+  Checksum sum;
+  for (const auto& [begin, end] : sample_ranges(size, header_len)) {
+    const Checksum c = checksum_range(fd, begin, end, buf, job_.options.buffer_bytes, path, &stop_);
+    sum.a += c.a;
+    sum.b += c.b;
+  }
+  return sum;
 }
 
 void Engine::verify_chunk(const Chunk& c, unsigned char* buf) {
   ShardState& st = *state_[c.shard];
   const ShardTask& sh = job_.shards[c.shard];
-  const std::string& path = sh.mode == ShardMode::Write ? partial_path(c.shard) : sh.path;
-  const Checksum sum = checksum_range(st.fd, c.begin, c.end, buf, job_.options.buffer_bytes, path, &stop_);
+  const std::string& path = sh.path;
+  Checksum sum;
+  if (c.sampled) {
+    unsigned char head[8] = {0};
+    uint64_t n = 0;
+    if (sh.file_size >= 8) {
+      pread_all(st.fd, head, 8, 0, path, "", "output");
+      std::memcpy(&n, head, 8);
+    }
+    sum = sample_sum(st.fd, sh.file_size, std::min(sh.file_size, n > sh.file_size ? sh.file_size : 8 + n), path, buf);
+  } else {
+    sum = checksum_range(st.fd, c.begin, c.end, buf, job_.options.buffer_bytes, path, &stop_);
+  }
   if (stopping()) return;
   st.sum_a.fetch_add(sum.a, std::memory_order_relaxed);
   st.sum_b.fetch_add(sum.b, std::memory_order_relaxed);
@@ -546,11 +570,7 @@ void Engine::finalize(uint32_t s, unsigned char* buf) {
       sum.a += edges.a;
       sum.b += edges.b;
     } else if (job_.options.checksum == ChecksumMode::Sample) {
-      for (const auto& [begin, end] : sh.sample_ranges) {
-        const Checksum c = checksum_range(st.fd, begin, end, buf, job_.options.buffer_bytes, partial, nullptr);
-        sum.a += c.a;
-        sum.b += c.b;
-      }
+      sum = sample_sum(st.fd, sh.file_size, sh.header.size(), partial, buf);
     }
     // The output is only as good as its sources were for the whole time it was being written.
     for (uint32_t f = 0; f < job_.files.size(); ++f) check_source(f, "");
@@ -709,8 +729,40 @@ void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, u
     }
   }
   narrow_in_place(acc, t.dtype, n);
-  pwrite_all(out.fd, buf, n * osz, t.out_offset + begin, out.path, t.name);
-  hash_piece(out.shard, t.out_offset + begin, buf, n * osz);
+  write_skipping_zero_pages(out, buf, n * osz, t.out_offset + begin, t.name);
+}
+
+// The file is new and all holes: pages of the result that are all zero need no write and stay
+// holes (a source hole that a transform chunk only partly covers, a zero fill).
+void Engine::write_skipping_zero_pages(const Output& out, const unsigned char* data, uint64_t n, uint64_t file_off,
+                                       const std::string& tensor) {
+  constexpr uint64_t kPage = 4096;
+  auto all_zero = [](const unsigned char* p, uint64_t len) {
+    uint64_t acc = 0, k = 0;
+    for (; k + 8 <= len; k += 8) {
+      uint64_t w;
+      std::memcpy(&w, p + k, 8);
+      acc |= w;
+    }
+    for (; k < len; ++k) acc |= p[k];
+    return acc == 0;
+  };
+  auto flush = [&](uint64_t from, uint64_t to) {
+    pwrite_all(out.fd, data + from, to - from, file_off + from, out.path, tensor);
+    hash_piece(out.shard, file_off + from, data + from, to - from);
+  };
+  uint64_t run = n;  // start of the pending run of pages to write; n: none
+  for (uint64_t pos = 0; pos < n;) {
+    const uint64_t end = std::min(n, ((file_off + pos) / kPage + 1) * kPage - file_off);
+    const bool zero = all_zero(data + pos, end - pos);
+    if (!zero && run == n) run = pos;
+    if (zero && run != n) {
+      flush(run, pos);
+      run = n;
+    }
+    pos = end;
+  }
+  if (run != n) flush(run, n);
 }
 
 Checksum checksum_file(const std::string& path, uint64_t buffer_bytes) {

@@ -15,7 +15,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -61,8 +60,6 @@ struct ShardTask {
   std::string sidecar_path;      // Write: written (atomically) before the rename, if not empty
   std::string sidecar_template;  // "@CHECKSUM@" is replaced by the checksum's 32 hex digits
   std::vector<TensorTask> tensors;
-  // ChecksumMode::Sample: the word-aligned byte ranges hashed (read back from the file).
-  std::vector<std::pair<uint64_t, uint64_t>> sample_ranges;
 };
 
 struct SourceFile {
@@ -119,6 +116,7 @@ class Engine {
     uint32_t shard = 0, tensor = 0;
     uint64_t begin = 0, end = 0;  // bytes: within the tensor (write) or the file (verify)
     bool verify = false;
+    bool sampled = false;    // verify: the shard's whole sample (ChecksumMode::Sample)
     bool copy_lane = false;  // an in-kernel copy: holds the shard's single copy lane
   };
   struct ShardState {
@@ -147,7 +145,8 @@ class Engine {
   void open_shard(uint32_t s);
   void write_chunk(const Chunk& c, unsigned char* buf);
   void verify_chunk(const Chunk& c, unsigned char* buf);
-  void queue_verify(uint32_t s);
+  bool next_verify_chunk(Chunk& c);
+  Checksum sample_sum(int fd, uint64_t size, uint64_t header_len, const std::string& path, unsigned char* buf);
   bool full_checksum() const { return job_.options.checksum == ChecksumMode::Full; }
   void hash_piece(uint32_t s, uint64_t file_off, const unsigned char* data, uint64_t n, bool locked = false);
   Checksum edge_sum(uint32_t s, unsigned char* buf);
@@ -157,6 +156,8 @@ class Engine {
   void copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const Output& out, uint64_t out_off, uint64_t n,
                   unsigned char* buf);
   bool all_holes(const TensorTask& t, uint64_t first_elem, uint64_t n_elems);
+  void write_skipping_zero_pages(const Output& out, const unsigned char* data, uint64_t n, uint64_t file_off,
+                                 const std::string& tensor);
   void check_source(uint32_t file, const std::string& tensor);
   void fail(const Failure& f);
   void cleanup();
@@ -174,7 +175,8 @@ class Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;       // workers: work or stop
   std::condition_variable done_cv_;  // waiters: finished_
-  std::deque<Chunk> verify_queue_;
+  uint32_t verify_shard_ = 0;  // Verify mode cursor: shard and offset of the next range
+  uint64_t verify_offset_ = 0;
   std::vector<uint32_t> active_;  // open shards with chunks not yet handed out, in file order
   uint32_t next_shard_ = 0;       // the next shard to open
   uint32_t shards_done_ = 0;

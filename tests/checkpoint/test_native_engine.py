@@ -147,9 +147,8 @@ def test_checksum_native_equals_numpy(tmp_path, sources):
         assert executor_native.checksum_file(path) == checksum_python(path)
     sizes = [(p, os.path.getsize(p)) for p in paths + [str(sparse)]]
     assert executor_native.verify_files(sizes, threads=2) == [checksum_python(p) for p, _ in sizes]
-    ranges = [file_sample_ranges(p) for p, _ in sizes]
-    assert executor_native.verify_files(sizes, ranges, threads=2, max_memory=1 << 20) == [
-        checksum_python(p, r) for (p, _), r in zip(sizes, ranges)
+    assert executor_native.verify_files(sizes, "sample", threads=2, max_memory=1 << 20) == [
+        checksum_python(p, file_sample_ranges(p)) for p, _ in sizes
     ]
 
 
@@ -160,6 +159,10 @@ def test_sample_ranges_cover_header_every_mib_and_the_end():
     assert all(b % 8 == 0 and (e % 8 == 0 or e == size) for b, e in ranges)
     assert all(e1 < b2 for (_, e1), (b2, _) in zip(ranges, ranges[1:]))
     assert sum(e - b for b, e in ranges) < 20_008 + 7 * 4096 + 8
+    from tli_kernels.checkpoint import _native
+
+    for n, header in [(size, 20_008), (0, 0), (5, 5), (4096, 100), (4097, 4097), (3 << 20, 8), (12345678, 99)]:
+        assert [tuple(r) for r in _native.sample_ranges(n, header)] == sample_ranges(n, header)
 
 
 def test_checksum_sees_single_bit_and_swapped_words(tmp_path):

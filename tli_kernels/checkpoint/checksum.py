@@ -112,9 +112,8 @@ def checksum_files(
     """Labelled checksums of (path, size) files: the native engine's parallel read when built, else numpy."""
     from tli_kernels.checkpoint import executor_native
 
-    ranges = [file_sample_ranges(p) if mode == "sample" else None for p, _ in files]
     if executor_native.available():
-        digits = executor_native.verify_files(files, ranges, max_memory=max_memory, threads=threads)
+        digits = executor_native.verify_files(files, mode, max_memory=max_memory, threads=threads)
     else:
-        digits = [checksum_python(p, r) for (p, _), r in zip(files, ranges)]
+        digits = [checksum_python(p, file_sample_ranges(p) if mode == "sample" else None) for p, _ in files]
     return [label(mode, d) for d in digits]

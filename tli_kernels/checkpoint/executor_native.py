@@ -127,7 +127,6 @@ def build_job(
     dst: str,
     shards: Iterable[int],
     sidecar: Callable[[int], tuple[str, str]] | None = None,
-    checksum: str = "sample",
 ) -> tuple[list[tuple[str, int]], list[tuple]]:
     """The resolved job: (source files as (path, size), shards as the tuples csrc/bindings.cpp reads)."""
     validate_plan(plan, layout.tensors)
@@ -167,8 +166,7 @@ def build_job(
             pos += t.nbytes
         assert pos == shard.file_size, (shard.file, pos, shard.file_size)
         side_path, side_template = sidecar(i) if sidecar else ("", "")
-        ranges = checksum_def.sample_ranges(pos, len(header)) if checksum == "sample" else []
-        job.append((os.path.join(dst, shard.file), _MODE_WRITE, header, pos, side_path, side_template, tensors, ranges))
+        job.append((os.path.join(dst, shard.file), _MODE_WRITE, header, pos, side_path, side_template, tensors))
     return files, job
 
 
@@ -198,7 +196,7 @@ def execute_native(
     todo = list(range(len(plan.shards)) if shards is None else shards)
     if checksum not in checksum_def.CODES:
         raise ValueError(f"checksum {checksum!r}: choose one of {', '.join(checksum_def.CODES)}")
-    files, job = build_job(plan, layout, dst, todo, sidecar, checksum)
+    files, job = build_job(plan, layout, dst, todo, sidecar)
     mem = memory_plan(max_memory, threads)
     knobs = {
         "copy_file_range": True,
@@ -218,18 +216,17 @@ def execute_native(
 
 def verify_files(
     files: list[tuple[str, int]],
-    ranges: list[list[tuple[int, int]] | None] | None = None,
+    checksum: str = "full",
     *,
     max_memory: int = 512 << 20,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Checksums (32 hex digits) of finished files given as (path, expected size), over the given
-    word-aligned ranges of each (None: the whole file), read back in parallel, holes skipped."""
+    """Checksums (32 hex digits) of finished files given as (path, expected size), with coverage
+    "full" or "sample" (checksum.py), read back in parallel, holes skipped."""
     _require()
     mem = memory_plan(max_memory, threads)
-    ranges = ranges or [None] * len(files)
-    job = [(path, _MODE_VERIFY, b"", size, "", "", [], r or []) for (path, size), r in zip(files, ranges)]
+    job = [(path, _MODE_VERIFY, b"", size, "", "", []) for path, size in files]
     engine = _native.Engine(
         [],
         job,
@@ -240,6 +237,7 @@ def verify_files(
         sparse=True,
         writeback=False,
         fsync=False,
+        checksum=checksum_def.CODES[checksum],
     )
     _run(engine, progress)
     sums = {i: format_checksum(a, b) for i, a, b in engine.finished()}

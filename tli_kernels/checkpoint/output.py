@@ -127,6 +127,7 @@ class SourceExtents:
     """Where the source files hold data (SEEK_DATA / SEEK_HOLE), to price sparse output."""
 
     BLOCK = 4096
+    TRANSFORM_CHUNK = 8 << 20  # the native engine's largest transform chunk, in output bytes
 
     def __init__(self, layout: CheckpointLayout):
         self.layout = layout
@@ -145,6 +146,9 @@ class SourceExtents:
                 total += min(h, end) - max(d, begin)
         return total
 
+    def pieces(self, path: str, begin: int, n: int) -> list[tuple[int, int]]:
+        return [(d, h) for d, h in self.extents(path) if h > begin and d < begin + n]
+
     def output_data_bytes(self, t: OutTensor) -> int:
         """Upper bound on the bytes of tensor t the native engine writes as data."""
         if t.op.kind in ("fill", "uniform"):
@@ -152,13 +156,18 @@ class SourceExtents:
         sources = [self.layout.tensors[n] for n in t.op.src]
         if t.op.kind == "copy" and sources[0].dtype == t.dtype:
             e = sources[0]
-            pieces = [(d, h) for d, h in self.extents(e.file) if h > e.offset and d < e.offset + e.nbytes]
+            pieces = self.pieces(e.file, e.offset, e.nbytes)
             return min(t.nbytes, self.data_bytes(e.file, e.offset, e.nbytes) + 2 * self.BLOCK * len(pieces))
-        # Transforms leave a chunk unwritten only when all its sources are holes: price the tensor whole.
-        negative = t.op.kind != "copy" and math.copysign(1.0, t.op.factor) < 0  # 0 * -f = -0: not a hole
-        if negative or any(self.data_bytes(e.file, e.offset, e.nbytes) for e in sources):
-            return t.nbytes
-        return 0
+        if t.op.kind != "copy" and math.copysign(1.0, t.op.factor) < 0:
+            return t.nbytes  # 0 * -f = -0.0: even holes become data
+        # A transform chunk is written unless all its sources are holes there: price each source's
+        # data at the output's width, plus one whole chunk per data extent for the chunk edges.
+        total = 0
+        for e in sources:
+            width = t.nbytes / max(e.nbytes, 1)
+            pieces = self.pieces(e.file, e.offset, e.nbytes)
+            total += int(self.data_bytes(e.file, e.offset, e.nbytes) * width) + self.TRANSFORM_CHUNK * len(pieces)
+        return min(t.nbytes, total)
 
 
 def check_free_disk(dst: str, plan: SurgeryPlan, shards: list[int], need: int | None = None) -> None:

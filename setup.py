@@ -34,10 +34,12 @@ def _warn(message: str) -> None:
 class OptionalBuildExt(build_ext):
     """build_ext that turns a failed native build into a warning (unless TLI_REQUIRE_NATIVE=1)."""
 
+    failed = False
+
     def run(self):
         try:
             super().run()
-        except Exception as e:  # no compiler at all surfaces here
+        except Exception as e:  # no compiler at all, or (editable installs) nothing to copy back
             self._failed(e)
 
     def build_extension(self, ext):
@@ -49,7 +51,9 @@ class OptionalBuildExt(build_ext):
     def _failed(self, e: Exception) -> None:
         if os.environ.get("TLI_REQUIRE_NATIVE") == "1":
             raise e
-        _warn(f"building the C++ extension failed ({type(e).__name__}: {e}).")
+        if not self.failed:  # one warning, not one per build step
+            _warn(f"building the C++ extension failed ({type(e).__name__}: {e}).")
+        self.failed = True
 
 
 def _extensions():

@@ -27,7 +27,8 @@ using ShardTuple = std::tuple<std::string, int, std::string, uint64_t, std::stri
 std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string, uint64_t>>& files,
                                          const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
                                          uint64_t copy_chunk, bool copy_file_range, bool sparse, bool writeback,
-                                         bool fsync, int checksum, uint32_t test_chunk_delay_us) {
+                                         bool fsync, int checksum, uint32_t test_chunk_delay_us,
+                                         bool drop_written) {
   tli::Job job;
   for (const auto& [path, size] : files) job.files.push_back({path, size});
   for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
@@ -64,6 +65,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
   job.options.fsync = fsync;
   job.options.checksum = static_cast<tli::ChecksumMode>(checksum);
   job.options.test_chunk_delay_us = test_chunk_delay_us;
+  job.options.drop_written = drop_written;
   return std::make_unique<tli::Engine>(std::move(job));
 }
 
@@ -75,7 +77,8 @@ PYBIND11_MODULE(_native, m) {
   py::class_<tli::Engine>(m, "Engine")
       .def(py::init(&make_engine), py::arg("files"), py::arg("shards"), py::arg("threads"), py::arg("buffer_bytes"),
            py::arg("copy_chunk"), py::arg("copy_file_range"), py::arg("sparse"), py::arg("writeback"),
-           py::arg("fsync"), py::arg("checksum") = 1, py::arg("test_chunk_delay_us") = 0)
+           py::arg("fsync"), py::arg("checksum") = 1, py::arg("test_chunk_delay_us") = 0,
+           py::arg("drop_written") = true)
       .def("start", &tli::Engine::start, py::call_guard<py::gil_scoped_release>())
       .def("wait", &tli::Engine::wait, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("cancel", &tli::Engine::cancel)

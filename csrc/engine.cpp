@@ -242,20 +242,38 @@ void Engine::start() {
     }
   } catch (const Failure& f) {
     fail(f);
-    cleanup();
-    std::lock_guard<std::mutex> lk(mu_);
-    finished_ = true;
-    done_cv_.notify_all();
+    finish_without_workers();
+    return;
+  } catch (const std::exception& e) {
+    fail(Failure{std::string("internal error: ") + e.what(), "", "", 0, "job"});
+    finish_without_workers();
     return;
   }
-  std::lock_guard<std::mutex> lk(mu_);
   if (job_.shards.empty()) {
-    finished_ = true;
-    done_cv_.notify_all();
+    finish_without_workers();
     return;
   }
+  std::unique_lock<std::mutex> lk(mu_);
   workers_left_ = job_.options.threads;
-  for (int i = 0; i < job_.options.threads; ++i) threads_.emplace_back([this] { worker(); });
+  for (int i = 0; i < job_.options.threads; ++i) {
+    try {
+      threads_.emplace_back([this] { worker(); });
+    } catch (const std::exception& e) {  // e.g. out of threads: stop the ones started
+      workers_left_ = i;
+      lk.unlock();
+      fail(Failure{std::string("cannot start worker threads: ") + e.what(), "", "", 0, "job"});
+      if (i == 0) finish_without_workers();
+      return;
+    }
+  }
+}
+
+// A run that ends before any worker starts: nothing to wait for but the cleanup.
+void Engine::finish_without_workers() {
+  cleanup();
+  std::lock_guard<std::mutex> lk(mu_);
+  finished_ = true;
+  done_cv_.notify_all();
 }
 
 bool Engine::wait(double timeout_s) {
@@ -410,6 +428,7 @@ void Engine::open_shard(uint32_t s) {
   st.fd = ::open(partial.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (st.fd < 0) throw output_failure("cannot create output", partial, "", errno);
   st.opened = true;
+  st.sampled.assign(sh.file_size / kSampleStride + 1, 0);
   // Full size up front: whatever is never written (zero tensors, source holes) stays a hole.
   if (::ftruncate(st.fd, off_t(sh.file_size)) != 0) throw output_failure("cannot size output", partial, "", errno);
   const auto* header = reinterpret_cast<const unsigned char*>(sh.header.data());
@@ -479,8 +498,23 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   if (job_.options.test_chunk_delay_us)
     std::this_thread::sleep_for(std::chrono::microseconds(job_.options.test_chunk_delay_us));
   if (stopping()) return;
-  if (job_.options.writeback && t.op != OpKind::Zeros && c.end > c.begin)
+  const bool wrote = t.op != OpKind::Zeros && c.end > c.begin;
+  if (job_.options.writeback && wrote)
     ::sync_file_range(out.fd, off_t(t.out_offset + c.begin), off_t(c.end - c.begin), SYNC_FILE_RANGE_WRITE);
+  if (job_.options.drop_written && wrote) {
+    // Keep two chunks per shard in flight to the disk; drop the ones before them from the cache.
+    std::pair<uint64_t, uint64_t> older{0, 0};
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      auto& undropped = state_[c.shard]->undropped;
+      undropped.emplace_back(t.out_offset + c.begin, t.out_offset + c.end);
+      if (undropped.size() > 2) {
+        older = undropped.front();
+        undropped.pop_front();
+      }
+    }
+    if (older.second > older.first) drop_written(c.shard, older.first, older.second, buf);
+  }
   bytes_done_.fetch_add(c.end - c.begin, std::memory_order_relaxed);
   bool last;
   {
@@ -493,6 +527,40 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
     }
   }
   if (last) finalize(c.shard, buf);
+}
+
+// Wait until [begin, end) of shard s is on disk, then drop its pages from the page cache. Growing
+// the page cache by the whole output is what made large conversions slow here: 9.6 GB of
+// in-kernel copies took 21 s of kernel CPU with the pages kept and 4 s with them dropped
+// (docs/engine.md). Whole pages only (the edges are shared with neighbouring chunks), and the
+// range is dropped whole: keeping single pages inside it splits the kernel's large folios, which
+// cost more than it saved. Sampled-checksum blocks inside the range are hashed first (they are
+// still cached); finalize reads the header, the tail and any block not hashed here.
+void Engine::drop_written(uint32_t s, uint64_t begin, uint64_t end, unsigned char* buf) {
+  constexpr uint64_t kPage = 4096;
+  const ShardTask& sh = job_.shards[s];
+  ShardState& st = *state_[s];
+  ::sync_file_range(st.fd, off_t(begin), off_t(end - begin),
+                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+  const uint64_t a = (begin + kPage - 1) / kPage * kPage, b = end / kPage * kPage;
+  if (a >= b) return;
+  if (job_.options.checksum == ChecksumMode::Sample) {
+    // A block merged with the header or the tail range is left to finalize (sample_ranges merges
+    // ranges that touch), so every word is counted once.
+    const uint64_t header_end = std::min(sh.file_size, (uint64_t(sh.header.size()) + 7) & ~uint64_t(7));
+    const uint64_t tail_begin = (sh.file_size > kSampleBlock ? sh.file_size - kSampleBlock : 0) & ~uint64_t(7);
+    Checksum sum;
+    for (uint64_t k = (a + kSampleStride - 1) / kSampleStride * kSampleStride; k + kSampleBlock <= b;
+         k += kSampleStride) {
+      if (k <= header_end || k + kSampleBlock >= tail_begin) continue;
+      pread_all(st.fd, buf, kSampleBlock, k, partial_path(s), "", "output");
+      checksum_add(sum, buf, kSampleBlock, k / 8);
+      st.sampled[k / kSampleStride] = 1;
+    }
+    st.sum_a.fetch_add(sum.a, std::memory_order_relaxed);
+    st.sum_b.fetch_add(sum.b, std::memory_order_relaxed);
+  }
+  ::posix_fadvise(st.fd, off_t(a), off_t(b - a), POSIX_FADV_DONTNEED);
 }
 
 // Called with mu_ held. Verify mode: a whole shard's sample, or the next buffer-sized range.
@@ -520,10 +588,13 @@ bool Engine::next_verify_chunk(Chunk& c) {
   return false;
 }
 
+// The sample's ranges not hashed yet: `done` marks the 4 KiB blocks (by MiB index) drop_written hashed.
 Checksum Engine::sample_sum(int fd, uint64_t size, uint64_t header_len, const std::string& path,
-                            unsigned char* buf) {
+                            unsigned char* buf, const std::vector<uint8_t>* done) {
   Checksum sum;
   for (const auto& [begin, end] : sample_ranges(size, header_len)) {
+    if (done && end - begin == kSampleBlock && begin % kSampleStride == 0 && (*done)[begin / kSampleStride])
+      continue;
     const Checksum c = checksum_range(fd, begin, end, buf, job_.options.buffer_bytes, path, &stop_);
     sum.a += c.a;
     sum.b += c.b;
@@ -546,6 +617,7 @@ void Engine::verify_chunk(const Chunk& c, unsigned char* buf) {
     sum = sample_sum(st.fd, sh.file_size, std::min(sh.file_size, n > sh.file_size ? sh.file_size : 8 + n), path, buf);
   } else {
     sum = checksum_range(st.fd, c.begin, c.end, buf, job_.options.buffer_bytes, path, &stop_);
+    if (job_.options.drop_written) ::posix_fadvise(st.fd, off_t(c.begin), off_t(c.end - c.begin), POSIX_FADV_DONTNEED);
   }
   if (stopping()) return;
   st.sum_a.fetch_add(sum.a, std::memory_order_relaxed);
@@ -570,11 +642,14 @@ void Engine::finalize(uint32_t s, unsigned char* buf) {
       sum.a += edges.a;
       sum.b += edges.b;
     } else if (job_.options.checksum == ChecksumMode::Sample) {
-      sum = sample_sum(st.fd, sh.file_size, sh.header.size(), partial, buf);
+      const Checksum rest = sample_sum(st.fd, sh.file_size, sh.header.size(), partial, buf, &st.sampled);
+      sum.a += rest.a;
+      sum.b += rest.b;
     }
     // The output is only as good as its sources were for the whole time it was being written.
     for (uint32_t f = 0; f < job_.files.size(); ++f) check_source(f, "");
     if (job_.options.fsync && ::fsync(st.fd) != 0) throw output_failure("fsync failed", partial, "", errno);
+    if (job_.options.drop_written) ::posix_fadvise(st.fd, 0, 0, POSIX_FADV_DONTNEED);
     if (stopping()) return;
     if (!sh.sidecar_path.empty()) {
       std::string content = sh.sidecar_template;

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -74,6 +75,7 @@ struct Options {
   bool copy_file_range = true;       // else pread/pwrite through the buffer
   bool sparse = true;                // skip source holes (SEEK_DATA / SEEK_HOLE)
   bool writeback = true;             // start writeback as chunks complete (sync_file_range)
+  bool drop_written = true;          // once written back, drop output pages from the page cache
   bool fsync = true;
   ChecksumMode checksum = ChecksumMode::Sample;
   uint32_t test_chunk_delay_us = 0;  // sleep after each write chunk: lets tests interrupt a tiny job midway
@@ -126,6 +128,8 @@ class Engine {
     uint32_t next_tensor = 0;                   // the shard's cursor: next chunk to hand out
     uint64_t next_offset = 0;
     bool copying = false;                       // a worker is copying into this file
+    std::deque<std::pair<uint64_t, uint64_t>> undropped;  // written ranges still in the page cache
+    std::vector<uint8_t> sampled;  // per MiB: its sampled block was hashed before being dropped
     std::vector<uint64_t> edge_words;           // guarded by mu_: words only partly inside a piece
     std::atomic<uint64_t> sum_a{0}, sum_b{0};
   };
@@ -146,7 +150,8 @@ class Engine {
   void write_chunk(const Chunk& c, unsigned char* buf);
   void verify_chunk(const Chunk& c, unsigned char* buf);
   bool next_verify_chunk(Chunk& c);
-  Checksum sample_sum(int fd, uint64_t size, uint64_t header_len, const std::string& path, unsigned char* buf);
+  Checksum sample_sum(int fd, uint64_t size, uint64_t header_len, const std::string& path, unsigned char* buf,
+                      const std::vector<uint8_t>* done = nullptr);
   bool full_checksum() const { return job_.options.checksum == ChecksumMode::Full; }
   void hash_piece(uint32_t s, uint64_t file_off, const unsigned char* data, uint64_t n, bool locked = false);
   Checksum edge_sum(uint32_t s, unsigned char* buf);
@@ -156,11 +161,13 @@ class Engine {
   void copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const Output& out, uint64_t out_off, uint64_t n,
                   unsigned char* buf);
   bool all_holes(const TensorTask& t, uint64_t first_elem, uint64_t n_elems);
+  void drop_written(uint32_t s, uint64_t begin, uint64_t end, unsigned char* buf);
   void write_skipping_zero_pages(const Output& out, const unsigned char* data, uint64_t n, uint64_t file_off,
                                  const std::string& tensor);
   void check_source(uint32_t file, const std::string& tensor);
   void fail(const Failure& f);
   void cleanup();
+  void finish_without_workers();
   uint64_t chunk_bytes(const TensorTask& t) const;
   bool stopping() const { return stop_.load(std::memory_order_relaxed); }
   std::string partial_path(uint32_t s) const { return job_.shards[s].path + ".partial"; }

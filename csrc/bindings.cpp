@@ -28,7 +28,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
                                          const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
                                          uint64_t copy_chunk, bool copy_file_range, bool sparse, bool writeback,
                                          bool fsync, int checksum, uint32_t test_chunk_delay_us,
-                                         bool drop_written) {
+                                         bool drop_written, uint64_t drop_lag) {
   tli::Job job;
   for (const auto& [path, size] : files) job.files.push_back({path, size});
   for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
@@ -66,6 +66,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
   job.options.checksum = static_cast<tli::ChecksumMode>(checksum);
   job.options.test_chunk_delay_us = test_chunk_delay_us;
   job.options.drop_written = drop_written;
+  job.options.drop_lag = drop_lag;
   return std::make_unique<tli::Engine>(std::move(job));
 }
 
@@ -78,7 +79,7 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init(&make_engine), py::arg("files"), py::arg("shards"), py::arg("threads"), py::arg("buffer_bytes"),
            py::arg("copy_chunk"), py::arg("copy_file_range"), py::arg("sparse"), py::arg("writeback"),
            py::arg("fsync"), py::arg("checksum") = 1, py::arg("test_chunk_delay_us") = 0,
-           py::arg("drop_written") = true)
+           py::arg("drop_written") = true, py::arg("drop_lag") = 256 << 20)
       .def("start", &tli::Engine::start, py::call_guard<py::gil_scoped_release>())
       .def("wait", &tli::Engine::wait, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("cancel", &tli::Engine::cancel)

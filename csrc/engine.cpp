@@ -502,18 +502,21 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   if (job_.options.writeback && wrote)
     ::sync_file_range(out.fd, off_t(t.out_offset + c.begin), off_t(c.end - c.begin), SYNC_FILE_RANGE_WRITE);
   if (job_.options.drop_written && wrote) {
-    // Keep two chunks per shard in flight to the disk; drop the ones before them from the cache.
-    std::pair<uint64_t, uint64_t> older{0, 0};
+    // Drop what was written more than drop_lag bytes ago in this shard from the cache.
+    std::vector<std::pair<uint64_t, uint64_t>> older;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      auto& undropped = state_[c.shard]->undropped;
-      undropped.emplace_back(t.out_offset + c.begin, t.out_offset + c.end);
-      if (undropped.size() > 2) {
-        older = undropped.front();
-        undropped.pop_front();
+      ShardState& st = *state_[c.shard];
+      st.undropped.emplace_back(t.out_offset + c.begin, t.out_offset + c.end);
+      st.undropped_bytes += c.end - c.begin;
+      while (!st.undropped.empty() &&
+             st.undropped_bytes - (st.undropped.front().second - st.undropped.front().first) >= job_.options.drop_lag) {
+        older.push_back(st.undropped.front());
+        st.undropped_bytes -= st.undropped.front().second - st.undropped.front().first;
+        st.undropped.pop_front();
       }
     }
-    if (older.second > older.first) drop_written(c.shard, older.first, older.second, buf);
+    for (const auto& [a, b] : older) drop_written(c.shard, a, b, buf);
   }
   bytes_done_.fetch_add(c.end - c.begin, std::memory_order_relaxed);
   bool last;
@@ -529,10 +532,12 @@ void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
   if (last) finalize(c.shard, buf);
 }
 
-// Wait until [begin, end) of shard s is on disk, then drop its pages from the page cache. Growing
-// the page cache by the whole output is what made large conversions slow here: 9.6 GB of
-// in-kernel copies took 21 s of kernel CPU with the pages kept and 4 s with them dropped
-// (docs/engine.md). Whole pages only (the edges are shared with neighbouring chunks), and the
+// Drop [begin, end) of shard s from the page cache. Growing the page cache by the whole output is
+// what made large conversions slow on the benchmark VM: a 3B-shaped conversion spent 13 s in the
+// kernel with the pages kept and 5 s with them dropped. No wait for the writeback: waiting made
+// the copier idle while the disk drained (+50% on the 1B shape); the range is 256 MiB behind the
+// writer, so it is mostly written back, and pages still in flight stay cached until the shard's
+// final fsync and drop. Whole pages only (the edges are shared with neighbouring chunks), and the
 // range is dropped whole: keeping single pages inside it splits the kernel's large folios, which
 // cost more than it saved. Sampled-checksum blocks inside the range are hashed first (they are
 // still cached); finalize reads the header, the tail and any block not hashed here.
@@ -540,8 +545,6 @@ void Engine::drop_written(uint32_t s, uint64_t begin, uint64_t end, unsigned cha
   constexpr uint64_t kPage = 4096;
   const ShardTask& sh = job_.shards[s];
   ShardState& st = *state_[s];
-  ::sync_file_range(st.fd, off_t(begin), off_t(end - begin),
-                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
   const uint64_t a = (begin + kPage - 1) / kPage * kPage, b = end / kPage * kPage;
   if (a >= b) return;
   if (job_.options.checksum == ChecksumMode::Sample) {

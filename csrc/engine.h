@@ -76,6 +76,7 @@ struct Options {
   bool sparse = true;                // skip source holes (SEEK_DATA / SEEK_HOLE)
   bool writeback = true;             // start writeback as chunks complete (sync_file_range)
   bool drop_written = true;          // once written back, drop output pages from the page cache
+  uint64_t drop_lag = 256 << 20;     // bytes per shard written since, before a range is dropped
   bool fsync = true;
   ChecksumMode checksum = ChecksumMode::Sample;
   uint32_t test_chunk_delay_us = 0;  // sleep after each write chunk: lets tests interrupt a tiny job midway
@@ -129,6 +130,7 @@ class Engine {
     uint64_t next_offset = 0;
     bool copying = false;                       // a worker is copying into this file
     std::deque<std::pair<uint64_t, uint64_t>> undropped;  // written ranges still in the page cache
+    uint64_t undropped_bytes = 0;
     std::vector<uint8_t> sampled;  // per MiB: its sampled block was hashed before being dropped
     std::vector<uint64_t> edge_words;           // guarded by mu_: words only partly inside a piece
     std::atomic<uint64_t> sum_a{0}, sum_b{0};

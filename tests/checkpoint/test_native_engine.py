@@ -135,7 +135,7 @@ def test_checksums_of_multi_mib_shards_with_pages_dropped(tmp_path, dtype, mode)
     as the run goes (sampled blocks hashed just before), and the recorded checksum is still the
     checksum of the file."""
     src = make_source(tmp_path / "src", fill="dense", hidden_size=256, intermediate_size=1000, shards=2)
-    tuning = {"buffer_bytes": 64 << 10, "copy_chunk": 192 << 10}
+    tuning = {"buffer_bytes": 64 << 10, "copy_chunk": 192 << 10, "drop_lag": 256 << 10}
     plan, nat, sums = both_engines(tmp_path, src, "tli", dict(k=2, alpha=0.5), CommonOptions(shard_size=6_000_000,
                                    dtype=dtype), tuning, checksum=mode)  # fmt: skip
     assert max(s.file_size for s in plan.shards) > 4 << 20

@@ -6,6 +6,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Triton kernels run in the interpreter on a machine without a GPU; this must be set before
+# anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import save_tiny_llama
 

@@ -65,6 +65,7 @@ class UpscaleResult:
     bytes_to_read: int = 0  # source bytes read (holes excluded with the native engine)
     engine: str = ""  # the engine that ran (or would run)
     shards_verified: list[int] = field(default_factory=list)  # found finished and re-verified (resume, parts)
+    layout: CheckpointLayout | None = None  # the source as read for this call
 
 
 _warned_fallback = False
@@ -138,7 +139,9 @@ def upscale(
     sparse = engine == "native"
     need = output.bytes_to_write(plan, todo, layout if sparse else None)
     read = output.bytes_to_read(plan, todo, layout, sparse)
-    result = UpscaleResult(plan, todo, need, False, bytes_to_read=read, engine=engine, shards_verified=sorted(verified))
+    result = UpscaleResult(
+        plan, todo, need, False, bytes_to_read=read, engine=engine, shards_verified=sorted(verified), layout=layout
+    )
     if dry_run:
         return result
     if continuing:

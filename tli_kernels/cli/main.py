@@ -68,12 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(up)
     e = up.add_argument_group("engine")
     e.add_argument("--engine", choices=["native", "python"], default=None, help="executor (default: native if built)")
-    e.add_argument("--threads", type=int, default=None, help="native engine worker threads (default: CPU count)")
+    e.add_argument("--threads", type=int, default=None, help="native engine worker threads (default: min(CPUs, 8))")
     e.add_argument("--max-memory", default="512MB", help="working-memory budget (default 512MB)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     e.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping verified shards")
     e.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (finish with --resume)")
     e.add_argument("--dry-run", action="store_true", help="print what would be read and written; write nothing")
+    e.add_argument(
+        "--verify",
+        choices=["sample", "full"],
+        default="sample",
+        help="what each shard's checksum (rechecked by --resume) covers: sampled pages (default) or every byte",
+    )
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pl = sub.add_parser("plan", help="show the layer map and output sizes; write nothing")
@@ -179,7 +185,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_upscale(args) -> int:
-    from tli_kernels.checkpoint.layout import CheckpointLayout
     from tli_kernels.upscale import parse_size, upscale
 
     if args.threads is not None and args.threads < 1:
@@ -194,18 +199,19 @@ def cmd_upscale(args) -> int:
         max_memory=parse_size(args.max_memory, "--max-memory"),
         threads=args.threads,
         progress=not args.quiet and not args.dry_run,
+        verify=args.verify,
     )
     if args.engine is not None:
         kwargs["engine"] = args.engine
     result = upscale(args.src, args.dst, args.method, **kwargs)
-    plan = result.plan
-    layout = CheckpointLayout.open(args.src)
+    plan, layout = result.plan, result.layout
     if args.dry_run:
         print("\n".join(_plan_summary(plan, layout)))
         read = getattr(result, "bytes_to_read", None)
         if read is not None:
             print(f"would read      {_gb(read)}")
         print(f"would write     {_gb(result.bytes_to_write)} in {len(result.shards_written)} shard(s) to {args.dst}")
+        print(f"engine          {result.engine}")
         return 0
     if not args.quiet:
         print("\n".join(_plan_summary(plan, layout)))

@@ -30,3 +30,16 @@ def smollm2_dir():
 
     os.makedirs(os.path.dirname(SMOLLM2_DIR), exist_ok=True)
     return materialize(SMOLLM2_DIR)
+
+
+@pytest.fixture
+def require_triton():
+    """Call with (kernel, tensor): skips, saying why, where the kernel cannot run (no CUDA and
+    TRITON_INTERPRET was not set before triton was first imported)."""
+    from tli_kernels.ops._triton import use_triton
+
+    def check(kernel, x: torch.Tensor) -> None:
+        if not use_triton(kernel, x):
+            pytest.skip("Triton cannot run here: no CUDA and TRITON_INTERPRET=1 was not set before import")
+
+    return check

@@ -1,15 +1,17 @@
 """The tli kernels and the patched decoder layer on one GPU, against stock transformers, torch.compile,
 Liger-Kernel (when importable) and the floor, with bfloat16 correctness checks.
 
-What it measures (Llama-3-8B decoder layer: hidden 4096, intermediate 14336, 32 heads / 8 KV heads,
-batch 2 x 4096 tokens, bf16):
+This file holds the measurements (used by `gpu_suite.py` for its sweep over model shapes and sequence
+lengths) and, run as a script, measures one shape: a Llama-3-8B decoder layer (hidden 4096,
+intermediate 14336, 32 heads / 8 KV heads), batch 2 x 4096 tokens, bf16:
   * rates: the bf16 matmul rate (8192^3) and the device copy bandwidth (1 GiB copy, read + write);
   * kernels: each memory-bound tli kernel alone, forward and backward, against the eager PyTorch code
     transformers runs, as time, bandwidth over the minimum bytes moved, and share of the copy bandwidth;
+    inputs rotate over enough sets to overflow L2 (benchmarks/harness.py);
   * layer: forward and forward+backward of the stock layer, the tli layer (also with the fused gate/up
-    projection), the stock and tli layers under torch.compile,
-    Liger-Kernel's layer, and the floor (the layer's GEMMs, timed and at the measured matmul rate, plus
-    the attention kernel alone), with peak memory;
+    projection), the stock and tli layers under torch.compile, Liger-Kernel's layer, and the floor (the
+    layer's GEMMs, timed and at the measured matmul rate, plus the attention kernel alone), with peak
+    memory;
   * correctness: relative error (Frobenius) of output and every gradient against a float32 reference of
     the same weights; the tli layer passes when each error is below twice the stock bf16 layer's own.
 Results go to OUT/gpu_kernels.json (rewritten after every section, so a cut-off run keeps what it had)
@@ -26,32 +28,55 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
-import importlib
-import json
 import os
-import platform
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import peak_memory, time_fn  # noqa: E402
+from harness import (  # noqa: E402
+    Results,
+    describe_environment,
+    fmt,
+    fmt_ratio,
+    markdown_table,
+    peak_memory,
+    ratio,
+    rotation_sets,
+    time_fn,
+)
 
-SHAPES = {
-    "llama3_8b": dict(
-        hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, batch=2, seq=4096,
-        matmul_n=8192, copy_bytes=1 << 30,
-    ),
-    "smoke": dict(
-        hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, batch=1, seq=16,
-        matmul_n=64, copy_bytes=1 << 20,
-    ),
-}  # fmt: skip
+# Decoder-layer shapes of the Llama 3 family (rope_factor: the llama3 RoPE scaling factor of that release).
+MODELS = {
+    "llama3_1b": dict(hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, rope_factor=32.0),
+    "llama3_8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, rope_factor=8.0),
+    "llama3_70b": dict(hidden=8192, intermediate=28672, heads=64, kv_heads=8, head_dim=128, rope_factor=8.0),
+    "smoke": dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, rope_factor=8.0),
+}
+RATES = {"full": dict(matmul_n=8192, copy_bytes=1 << 30), "smoke": dict(matmul_n=64, copy_bytes=1 << 20)}
+KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model shape at one batch x sequence length."""
+
+    model: str
+    batch: int
+    seq: int
+
+    @property
+    def dims(self) -> dict:
+        return MODELS[self.model]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
 
 
 # ------------------------------------------------------------------------------------ utilities
@@ -65,116 +90,68 @@ def as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "transformers", "flash_attn", "liger_kernel"):
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # not installed, or broken: either way not used
-            out[name] = None
-        else:
-            out[name] = getattr(module, "__version__", "unknown")
-    return out
-
-
-def hardware(device: torch.device) -> dict:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {
-            "device": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "sm_count": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2**30, 1),
-        }
-    return {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-
-
-def llama_config(shape: dict):
+def llama_config(dims: dict, num_hidden_layers: int = 1, **overrides):
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        head_dim=shape["head_dim"],
-        num_hidden_layers=1,
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        head_dim=dims["head_dim"],
+        num_hidden_layers=num_hidden_layers,
         rms_norm_eps=1e-5,
         max_position_embeddings=131072,  # Llama 3.1's, above the llama3 scaling's original 8192
         rope_parameters={
             "rope_type": "llama3",
             "rope_theta": 500000.0,
-            "factor": 8.0,
+            "factor": dims["rope_factor"],
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         },
+        **overrides,
     )
     config._attn_implementation = "sdpa"
     return config
 
 
 class Bench:
-    """The run's settings and results; `save` rewrites the JSON."""
+    """Device, dtype, repetitions and the Results document every measurement writes into."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.shape = SHAPES["smoke" if args.smoke else "llama3_8b"]
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        self.warmup, self.reps = args.warmup, args.reps
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.results: dict = {
-            "meta": {
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "hardware": hardware(self.device),
-                "versions": versions(),
-                "smoke": args.smoke,
-                "dtype": str(self.dtype),
-                "shape": self.shape,
-                "warmup": self.warmup,
-                "reps": self.reps,
-                "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-                "note": "" if self.device.type == "cuda" else
-                "CPU smoke run: timings and bf16 errors mean nothing here (Triton's interpreter truncates "
-                "float32 -> bf16 stores instead of rounding them)",
-                "timing": "CUDA events per call, median of reps after warm-up" if self.device.type == "cuda" else
-                "perf_counter per call (CPU)",
-            },
-        }  # fmt: skip
+    def __init__(self, results: Results, *, device: torch.device, dtype: torch.dtype, warmup: int, reps: int,
+                 max_sets: int = 8):  # fmt: skip
+        self.results, self.device, self.dtype = results, device, dtype
+        self.warmup, self.reps, self.max_sets = warmup, reps, max_sets
 
-    def time(self, fn, setup=None) -> dict:
-        return time_fn(fn, device=self.device, warmup=self.warmup, reps=self.reps, setup=setup)
+    def time(self, fn, setup=None, inputs=None) -> dict:
+        return time_fn(fn, device=self.device, warmup=self.warmup, reps=self.reps, setup=setup, inputs=inputs)
+
+    def sets(self, bytes_per_set: int) -> int:
+        """How many input sets to rotate (enough to overflow the last-level cache)."""
+        return rotation_sets(bytes_per_set, self.device, maximum=self.max_sets)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def save(self) -> None:
-        (self.out / "gpu_kernels.json").write_text(json.dumps(self.results, indent=2, default=str))
+    @property
+    def rates(self) -> dict:
+        return self.results.get("rates") or {}
 
-
-def section(bench: Bench, name: str, fn, *args):
-    """Run one section; record its result or its error (a failing section does not end the run)."""
-    started = time.perf_counter()
-    print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-    try:
-        bench.results[name] = fn(bench, *args)
-    except Exception as error:  # recorded, not hidden: the JSON says which section failed and why
-        bench.results[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-        print(f"    {name} failed: {type(error).__name__}: {error}", flush=True)
-    bench.results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
-    bench.save()
-    return bench.results[name]
+    def cuda_flags(self) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        return {"allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 # ---------------------------------------------------------------------------------------- rates
-def measure_rates(bench: Bench) -> dict:
-    n = bench.shape["matmul_n"]
+def measure_rates(bench: Bench, matmul_n: int, copy_bytes: int) -> dict:
+    n = matmul_n
     a = torch.randn(n, n, device=bench.device, dtype=bench.dtype)
     b = torch.randn(n, n, device=bench.device, dtype=bench.dtype)
     matmul = bench.time(lambda: a @ b)
-    src = torch.empty(bench.shape["copy_bytes"], dtype=torch.uint8, device=bench.device).random_(0, 255)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=bench.device).random_(0, 255)
     dst = torch.empty_like(src)
     copy_time = bench.time(lambda: dst.copy_(src))
     return {
@@ -188,123 +165,156 @@ def measure_rates(bench: Bench) -> dict:
 
 
 # -------------------------------------------------------------------------------------- kernels
-def _kernel_cases(bench: Bench):
-    """(name, make inputs, tli fn, eager fn, forward bytes, backward bytes) at the layer's shapes."""
+@dataclass
+class KernelCase:
+    name: str
+    make_inputs: object  # () -> list of leaf tensors
+    tli: object  # the tli op
+    eager: object  # the PyTorch code transformers runs
+    forward_bytes: int  # minimum bytes a forward must move
+    backward_bytes: int
+    set_bytes: int  # bytes of one input set (inputs + outputs), for the rotation
+
+
+def kernel_cases(case: Case, device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    """The four memory-bound ops of a layer at this case's shapes: tli against transformers' eager code."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
     from tli_kernels import ops
 
-    s, dev, dt = bench.shape, bench.device, bench.dtype
-    tokens, hidden, inter = s["batch"] * s["seq"], s["hidden"], s["intermediate"]
-    e = torch.finfo(dt).bits // 8
+    d = case.dims
+    tokens, hidden, inter = case.tokens, d["hidden"], d["intermediate"]
+    e = torch.finfo(dtype).bits // 8
     eps = 1e-5
 
     def leaf(*shape, scale=1.0, offset=0.0):
-        return (torch.randn(*shape, device=dev) * scale + offset).to(dt).requires_grad_(True)
+        return (torch.randn(*shape, device=device) * scale + offset).to(dtype).requires_grad_(True)
 
     def eager_rms_norm(x, w):  # LlamaRMSNorm.forward
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    config = llama_config(s)
-    positions = torch.arange(s["seq"], device=dev)[None]
-    cos, sin = LlamaRotaryEmbedding(config).to(dev)(torch.empty(1, device=dev, dtype=dt), positions)
+    def eager_add_rms_norm(r, b, w):  # the stock layer: residual + branch, then the next norm
+        s = r + b
+        return s, eager_rms_norm(s, w)
+
+    config = llama_config(d)
+    positions = torch.arange(case.seq, device=device)[None]
+    cos, sin = LlamaRotaryEmbedding(config).to(device)(torch.empty(1, device=device, dtype=dtype), positions)
 
     def eager_rope(q, k):  # transformers applies it on [B, H, S, D] views
         q_out, k_out = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos.to(q.dtype), sin.to(q.dtype))
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
-    qk = s["batch"] * s["seq"] * (s["heads"] + s["kv_heads"]) * s["head_dim"]
+    qk = tokens * (d["heads"] + d["kv_heads"]) * d["head_dim"]
     return [
-        (
+        KernelCase(
             "rms_norm",
             lambda: [leaf(tokens, hidden), leaf(hidden, scale=0.2, offset=1.0)],
             lambda x, w: ops.rms_norm(x, w, eps),
             eager_rms_norm,
             2 * tokens * hidden * e,  # read x, write y
             3 * tokens * hidden * e,  # read dy, x; write dx
+            3 * tokens * hidden * e,
         ),
-        (
+        KernelCase(
             "add_rms_norm",
             lambda: [leaf(tokens, hidden), leaf(tokens, hidden), leaf(hidden, scale=0.2, offset=1.0)],
             lambda r, b, w: ops.add_rms_norm(r, b, w, eps),
-            lambda r, b, w: (r + b, eager_rms_norm(r + b, w)),
+            eager_add_rms_norm,
             4 * tokens * hidden * e,  # read r, b; write r', y
             5 * tokens * hidden * e,  # read dy, dr', r'; write dr, db
+            6 * tokens * hidden * e,
         ),
-        (
+        KernelCase(
             "rope",
             lambda: [
-                leaf(s["batch"], s["seq"], s["heads"], s["head_dim"]),
-                leaf(s["batch"], s["seq"], s["kv_heads"], s["head_dim"]),
+                leaf(case.batch, case.seq, d["heads"], d["head_dim"]),
+                leaf(case.batch, case.seq, d["kv_heads"], d["head_dim"]),
             ],
             lambda q, k: ops.apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype)),
             eager_rope,
             2 * qk * e,  # read and write q, k (cos/sin are 1/heads of that)
             2 * qk * e,
+            3 * qk * e,
         ),
-        (
+        KernelCase(
             "swiglu",
             lambda: [leaf(tokens, inter, scale=2.0), leaf(tokens, inter)],
             ops.swiglu,
             lambda g, u: F.silu(g) * u,
             3 * tokens * inter * e,  # read g, u; write y
             5 * tokens * inter * e,  # read dy, g, u; write dg, du
+            4 * tokens * inter * e,
         ),
     ]
 
 
-def _measure_impl(bench: Bench, fn, inputs, ref_outs, ref_grads, grad_outs, fwd_bytes, bwd_bytes) -> dict:
-    outs = as_tuple(fn(*inputs))
-    low_grads = [g.to(o.dtype) for g, o in zip(grad_outs, outs, strict=True)]
-    grads = torch.autograd.grad(outs, inputs, low_grads, retain_graph=True)
-    forward = bench.time(lambda: fn(*inputs))
-    backward = bench.time(lambda: torch.autograd.grad(outs, inputs, low_grads, retain_graph=True))
+def _measure_impl(bench: Bench, fn, sets, ref_outs, ref_grads, grad_outs, kc: KernelCase) -> dict:
+    """Forward and backward of one implementation, rotating over the input sets; errors on set 0."""
+    graphs = []  # (outputs, inputs, output gradients) per set: the backward replays these graphs
+    for inputs in sets:
+        outs = as_tuple(fn(*inputs))
+        low = [g.to(o.dtype, copy=True) for g, o in zip(grad_outs, outs, strict=True)]
+        graphs.append((outs, inputs, low))
+    grads = torch.autograd.grad(*graphs[0], retain_graph=True)
+
+    def backward(outs, inputs, low):
+        return torch.autograd.grad(outs, inputs, low, retain_graph=True)
+
+    forward = bench.time(fn, inputs=sets)
+    backward_time = bench.time(backward, inputs=graphs)
     entry = {
         "forward": forward,
-        "backward": backward,
-        "forward_gb_per_s": fwd_bytes / (forward["median_ms"] / 1e3) / 1e9,
-        "backward_gb_per_s": bwd_bytes / (backward["median_ms"] / 1e3) / 1e9,
-        "forward_rel_error": max(rel_error(o, r) for o, r in zip(outs, ref_outs, strict=True)),
+        "backward": backward_time,
+        "forward_gb_per_s": kc.forward_bytes / (forward["median_ms"] / 1e3) / 1e9,
+        "backward_gb_per_s": kc.backward_bytes / (backward_time["median_ms"] / 1e3) / 1e9,
+        "forward_rel_error": max(rel_error(o, r) for o, r in zip(graphs[0][0], ref_outs, strict=True)),
         "backward_rel_error": max(rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True)),
     }
-    copy_bw = (bench.results.get("rates") or {}).get("copy_gb_per_s")
+    copy_bw = bench.rates.get("copy_gb_per_s")
     if copy_bw:
         entry["forward_share_of_copy_bw"] = entry["forward_gb_per_s"] / copy_bw
         entry["backward_share_of_copy_bw"] = entry["backward_gb_per_s"] / copy_bw
     return entry
 
 
-def measure_kernels(bench: Bench) -> dict:
+def measure_kernels(bench: Bench, case: Case) -> dict:
     results = {}
-    for name, make_inputs, tli_fn, eager_fn, fwd_bytes, bwd_bytes in _kernel_cases(bench):
-        inputs = make_inputs()
-        ref_inputs = [t.detach().float().requires_grad_(True) for t in inputs]
-        ref_outs = as_tuple(eager_fn(*ref_inputs))
+    for kc in kernel_cases(case, bench.device, bench.dtype):
+        sets = [kc.make_inputs() for _ in range(bench.sets(kc.set_bytes))]
+        ref_inputs = [t.detach().float().requires_grad_(True) for t in sets[0]]
+        ref_outs = as_tuple(kc.eager(*ref_inputs))
         grad_outs = [torch.randn_like(o) for o in ref_outs]
         ref_grads = torch.autograd.grad(ref_outs, ref_inputs, grad_outs)
-        entry = {"forward_min_bytes": fwd_bytes, "backward_min_bytes": bwd_bytes}
-        for impl, fn in (("tli", tli_fn), ("eager", eager_fn)):
-            entry[impl] = _measure_impl(bench, fn, inputs, ref_outs, ref_grads, grad_outs, fwd_bytes, bwd_bytes)
-        if name == "rope":  # the inference path: in place, no autograd
-            q, k = (t.detach().clone() for t in inputs)
+        entry = {"forward_min_bytes": kc.forward_bytes, "backward_min_bytes": kc.backward_bytes}
+        for impl, fn in (("tli", kc.tli), ("eager", kc.eager)):
+            entry[impl] = _measure_impl(bench, fn, sets, ref_outs, ref_grads, grad_outs, kc)
+        entry["speedup_forward"] = ratio(entry["eager"]["forward"]["median_ms"], entry["tli"]["forward"]["median_ms"])
+        entry["speedup_backward"] = ratio(
+            entry["eager"]["backward"]["median_ms"], entry["tli"]["backward"]["median_ms"]
+        )
+        if kc.name == "rope":  # the inference path: in place, no autograd
+            plain = [tuple(t.detach().clone() for t in inputs) for inputs in sets]
             with torch.no_grad():
-                entry["tli_in_place_forward"] = bench.time(lambda fn=tli_fn, q=q, k=k: fn(q, k))
-        results[name] = entry
+                entry["tli_in_place_forward"] = bench.time(kc.tli, inputs=plain)
+        results[kc.name] = entry
+        del sets, ref_inputs, ref_outs, grad_outs, ref_grads
     return results
 
 
 # ---------------------------------------------------------------------------------------- layer
 class Layers:
-    """The same weights as a stock bf16 layer, a float32 reference and a tli-patched layer."""
+    """One model shape's decoder layer: the stock bf16 layer, tli-patched copies, and (on demand) a
+    float32 reference with the same bf16 weights."""
 
-    def __init__(self, bench: Bench):
+    def __init__(self, bench: Bench, model: str):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
         from tli_kernels.modules import patch_decoder_layer
 
-        s = bench.shape
-        self.config = llama_config(s)
+        self.bench, self.model = bench, model
+        self.config = llama_config(MODELS[model])
         torch.manual_seed(0)
         with torch.device(bench.device):
             base = LlamaDecoderLayer(self.config, layer_idx=0)
@@ -313,28 +323,35 @@ class Layers:
                 if "norm" in name:
                     p.uniform_(0.5, 1.5)
         self.stock = base.to(bench.dtype).train()
-        self.reference = copy.deepcopy(self.stock).float()  # the bf16 weights, computed in float32
         self.tli = copy.deepcopy(self.stock)
         patch_decoder_layer(self.tli)
         self.tli_fused = copy.deepcopy(self.stock)  # gate/up as one packed projection
         patch_decoder_layer(self.tli_fused, fuse_gate_up=True)
+        self.rotary = LlamaRotaryEmbedding(self.config).to(bench.device)
 
+    def inputs(self, case: Case, sets: int = 1) -> dict:
+        """Rotated layer inputs x, one output gradient per set, RoPE tables in bf16 and float32."""
+        bench = self.bench
         generator = torch.Generator(device=bench.device).manual_seed(1)
-        shape = (s["batch"], s["seq"], s["hidden"])
-        self.x = torch.randn(shape, device=bench.device, generator=generator).to(bench.dtype)
-        self.grad_out = torch.randn(shape, device=bench.device, generator=generator).to(bench.dtype)
-        positions = torch.arange(s["seq"], device=bench.device)[None]
-        rotary = LlamaRotaryEmbedding(self.config).to(bench.device)
-        self.kwargs = {"attention_mask": None, "position_ids": positions}
-        self.rope_low = rotary(self.x, positions)
-        self.rope_fp32 = rotary(self.x.float(), positions)
+        shape = (case.batch, case.seq, self.config.hidden_size)
+        xs = [torch.randn(shape, device=bench.device, generator=generator).to(bench.dtype) for _ in range(sets)]
+        grads = [torch.randn(shape, device=bench.device, generator=generator).to(bench.dtype) for _ in range(sets)]
+        positions = torch.arange(case.seq, device=bench.device)[None]
+        return {
+            "xs": xs,
+            "grads": grads,
+            "kwargs": {"attention_mask": None, "position_ids": positions},
+            "rope": self.rotary(xs[0], positions),
+            "rope_fp32": self.rotary(xs[0].float(), positions),
+        }
 
-    def run(self, layer, fp32: bool = False):
-        x = (self.x.float() if fp32 else self.x).detach().requires_grad_(True)
-        rope = self.rope_fp32 if fp32 else self.rope_low
-        out = layer(x, position_embeddings=rope, **self.kwargs)
+    def run(self, layer, inputs: dict, fp32: bool = False):
+        """Output and every gradient (input and parameters) of one forward+backward on set 0."""
+        x = (inputs["xs"][0].float() if fp32 else inputs["xs"][0]).detach().requires_grad_(True)
+        rope = inputs["rope_fp32"] if fp32 else inputs["rope"]
+        out = layer(x, position_embeddings=rope, **inputs["kwargs"])
         params = [p for p in layer.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(out, [x, *params], self.grad_out.to(out.dtype))
+        grads = torch.autograd.grad(out, [x, *params], inputs["grads"][0].to(out.dtype))
         names = [n for n, p in layer.named_parameters() if p.requires_grad]
         return out, dict(zip(["input", *names], grads, strict=True))
 
@@ -373,24 +390,30 @@ def liger_rope(rope_fn, counter: list):
         modeling_llama.apply_rotary_pos_emb = saved
 
 
-def check_correctness(bench: Bench, layers: Layers, extra: dict) -> dict:
+def check_correctness(bench: Bench, layers: Layers, case: Case, extra: dict) -> dict:
     """Relative errors of bf16 layers against the float32 reference; tli must stay within 2x stock."""
-    if bench.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
-    ref_out, ref_grads = layers.run(layers.reference, fp32=True)
-    errors = {}
-    candidates = {
-        "stock": (layers.stock, contextlib.nullcontext),
-        "tli": (layers.tli, contextlib.nullcontext),
-        "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
-    }
-    candidates.update(extra)
-    for name, (layer, context) in candidates.items():
-        with context():
-            out, grads = layers.run(layer)
-        errors[name] = {"output": rel_error(out, ref_out)}
-        errors[name].update({f"grad:{k}": rel_error(g, ref_grads[k]) for k, g in grads.items()})
-        del out, grads
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
+    try:
+        inputs = layers.inputs(case)
+        reference = copy.deepcopy(layers.stock).float()  # the bf16 weights, computed in float32
+        ref_out, ref_grads = layers.run(reference, inputs, fp32=True)
+        del reference
+        errors = {}
+        candidates = {
+            "stock": (layers.stock, contextlib.nullcontext),
+            "tli": (layers.tli, contextlib.nullcontext),
+            "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
+        }
+        candidates.update(extra)
+        for name, (layer, context) in candidates.items():
+            with context():
+                out, grads = layers.run(layer, inputs)
+            errors[name] = {"output": rel_error(out, ref_out)}
+            errors[name].update({f"grad:{k}": rel_error(g, ref_grads[k]) for k, g in grads.items()})
+            del out, grads
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     slack = 1e-6  # float noise floor, so an exact (zero-error) stock layer does not fail a float32 smoke run
     failures = {
         f"{name}/{key}": {"error": value, "stock": errors["stock"][key]}
@@ -399,95 +422,136 @@ def check_correctness(bench: Bench, layers: Layers, extra: dict) -> dict:
         if value > 2 * errors["stock"][key] + slack
     }
     criterion = "each tli layer's error <= 2 x the stock layer's error in the same dtype (+1e-6), output and grads"
-    return {"criterion": criterion, "errors": errors, "pass": not failures, "failures": failures}
+    return {
+        "case": vars(case),
+        "criterion": criterion,
+        "errors": errors,
+        "pass": not failures,
+        "failures": failures,
+    }
 
 
-def measure_layer(bench: Bench, layers: Layers, configs: dict) -> dict:
+def measure_layer(bench: Bench, layers: Layers, case: Case, configs: dict) -> dict:
+    """Forward and forward+backward of each configuration, rotating the layer input, and peak memory."""
+    x_bytes = case.tokens * layers.config.hidden_size * torch.finfo(bench.dtype).bits // 8
+    inputs = layers.inputs(case, sets=bench.sets(2 * x_bytes))
     results = {}
     for name, (layer, context) in configs.items():
-        x = layers.x.detach().requires_grad_(True)
-        kwargs = dict(layers.kwargs, position_embeddings=layers.rope_low)
+        xs = [x.detach().requires_grad_(True) for x in inputs["xs"]]
+        pairs = list(zip(xs, inputs["grads"], strict=True))
+        kwargs = dict(inputs["kwargs"], position_embeddings=inputs["rope"])
 
-        def forward(layer=layer, x=x, kwargs=kwargs):
+        def forward(x, g, layer=layer, kwargs=kwargs):
             return layer(x, **kwargs)
 
-        def forward_backward(layer=layer, x=x, kwargs=kwargs):
-            layer(x, **kwargs).backward(layers.grad_out)
+        def forward_backward(x, g, layer=layer, kwargs=kwargs):
+            layer(x, **kwargs).backward(g)
 
-        def clear(layer=layer, x=x):
+        def clear(x=None, g=None, layer=layer, xs=xs):
             layer.zero_grad(set_to_none=True)
-            x.grad = None
+            for t in xs:
+                t.grad = None
 
         entry = {}
         try:
             with context():
                 started = time.perf_counter()
                 clear()
-                forward_backward()  # first call: compiles where compiling, builds Triton kernels
+                forward_backward(*pairs[0])  # first call: compiles where compiling, builds Triton kernels
                 bench.sync()
                 entry["first_call_s"] = time.perf_counter() - started
-                entry["forward"] = bench.time(forward)
-                entry["forward_backward"] = bench.time(forward_backward, setup=clear)
+                entry["forward"] = bench.time(forward, inputs=pairs)
+                entry["forward_backward"] = bench.time(forward_backward, setup=clear, inputs=pairs)
                 clear()
-                entry["peak_memory_bytes"] = peak_memory(forward_backward, bench.device)
+                entry["peak_memory_bytes"] = peak_memory(lambda p=pairs[0]: forward_backward(*p), bench.device)
                 clear()
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"
+            entry["traceback"] = traceback.format_exc()
             print(f"    layer config {name} failed: {entry['error']}", flush=True)
         results[name] = entry
+    _add_ratios(results)
     return results
+
+
+def _add_ratios(results: dict) -> None:
+    """speedup_* = stock time / this time, within the same run."""
+    stock = results.get("stock", {})
+    for entry in results.values():
+        for key in ("forward", "forward_backward"):
+            if key in entry and key in stock:
+                entry[f"speedup_{key}"] = ratio(stock[key]["median_ms"], entry[key]["median_ms"])
 
 
 def _time_gemms(bench: Bench, gemms: list, tokens: int) -> dict:
     dev, dt = bench.device, bench.dtype
-    xs = [torch.randn(tokens, i, device=dev, dtype=dt, requires_grad=True) for i, _ in gemms]
+    sets = bench.sets(sum(tokens * (i + o) for i, o in gemms) * torch.finfo(dt).bits // 8)
     ws = [(torch.randn(o, i, device=dev, dtype=dt) * i**-0.5).requires_grad_(True) for i, o in gemms]
-    gs = [torch.randn(tokens, o, device=dev, dtype=dt) for _, o in gemms]
+    rotated = []
+    for _ in range(sets):
+        xs = [torch.randn(tokens, i, device=dev, dtype=dt, requires_grad=True) for i, _ in gemms]
+        gs = [torch.randn(tokens, o, device=dev, dtype=dt) for _, o in gemms]
+        rotated.append((xs, gs))
 
-    def forward():
+    def forward(xs, gs):
         return [F.linear(x, w) for x, w in zip(xs, ws, strict=True)]
 
-    def forward_backward():
-        torch.autograd.backward(forward(), gs)
+    def forward_backward(xs, gs):
+        torch.autograd.backward(forward(xs, gs), gs)
 
-    def clear():
+    def clear(xs, gs):
         for t in (*xs, *ws):
             t.grad = None
 
-    return {"gemm_forward": bench.time(forward), "gemm_forward_backward": bench.time(forward_backward, setup=clear)}
+    return {
+        "gemm_forward": bench.time(forward, inputs=rotated),
+        "gemm_forward_backward": bench.time(forward_backward, setup=clear, inputs=rotated),
+    }
 
 
-def measure_floor(bench: Bench) -> dict:
+def measure_floor(bench: Bench, case: Case) -> dict:
     """The layer's GEMMs (timed alone, and at the measured matmul rate) plus the attention alone."""
     from tli_kernels import ops
 
-    s, dev, dt = bench.shape, bench.device, bench.dtype
-    tokens, hidden, inter = s["batch"] * s["seq"], s["hidden"], s["intermediate"]
-    q_width, kv_width = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    d, dev, dt = case.dims, bench.device, bench.dtype
+    tokens, hidden, inter = case.tokens, d["hidden"], d["intermediate"]
+    q_width, kv_width = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
     gemms = [(hidden, q_width), (hidden, kv_width), (hidden, kv_width), (q_width, hidden),
              (hidden, inter), (hidden, inter), (inter, hidden)]  # (in, out): q k v o gate up down  # fmt: skip
     flops_forward = 2 * tokens * sum(i * o for i, o in gemms)
     result = {"gemm_flops_forward": flops_forward, **_time_gemms(bench, gemms, tokens)}
-    rate = (bench.results.get("rates") or {}).get("matmul_tflops")
+    rate = bench.rates.get("matmul_tflops")
     if rate:
         result["gemm_forward_at_rate_ms"] = flops_forward / (rate * 1e12) * 1e3
         result["gemm_forward_backward_at_rate_ms"] = 3 * flops_forward / (rate * 1e12) * 1e3
 
-    q = torch.randn(s["batch"], s["seq"], s["heads"], s["head_dim"], device=dev, dtype=dt).transpose(1, 2)
-    k = torch.randn(s["batch"], s["kv_heads"], s["seq"], s["head_dim"], device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    g = torch.randn(s["batch"], s["seq"], s["heads"], s["head_dim"], device=dev, dtype=dt)
+    qkv_bytes = tokens * (q_width + 2 * kv_width) * torch.finfo(dt).bits // 8
+    rotated = []
+    for _ in range(bench.sets(2 * qkv_bytes)):
+        q = torch.randn(case.batch, case.seq, d["heads"], d["head_dim"], device=dev, dtype=dt).transpose(1, 2)
+        k = torch.randn(case.batch, d["kv_heads"], case.seq, d["head_dim"], device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        g = torch.randn(case.batch, case.seq, d["heads"], d["head_dim"], device=dev, dtype=dt)
+        rotated.append((*(t.requires_grad_(True) for t in (q, k, v)), g))
+    scale = d["head_dim"] ** -0.5
+
+    def attend(q, k, v, g):
+        return ops.attention(q, k, v, causal=True, scale=scale)
+
+    def attend_backward(q, k, v, g):
+        attend(q, k, v, g).backward(g)
+
+    def clear(q, k, v, g):
+        for t in (q, k, v):
+            t.grad = None
+
     backends = ["sdpa", "sdpa_cudnn"] + (["flash_attn"] if ops.flash_attn_available() and dev.type == "cuda" else [])
-    attention = {"auto_resolves_to": ops.resolve_backend(q)}
+    attention = {"auto_resolves_to": ops.resolve_backend(rotated[0][0])}
     for name in backends:
         try:
             with ops.attention_backend(name):
-                fwd = bench.time(lambda: ops.attention(q, k, v, causal=True, scale=s["head_dim"] ** -0.5))
-                fwd_bwd = bench.time(
-                    lambda: ops.attention(q, k, v, causal=True, scale=s["head_dim"] ** -0.5).backward(g),
-                    setup=lambda: [setattr(t, "grad", None) for t in (q, k, v)],
-                )
+                fwd = bench.time(attend, inputs=rotated)
+                fwd_bwd = bench.time(attend_backward, setup=clear, inputs=rotated)
             attention[name] = {"forward": fwd, "forward_backward": fwd_bwd}
         except Exception as error:
             attention[name] = {"error": f"{type(error).__name__}: {error}"}
@@ -504,114 +568,165 @@ def measure_floor(bench: Bench) -> dict:
     return result
 
 
-def layer_sections(bench: Bench, args: argparse.Namespace) -> None:
-    from tli_kernels import ops
-
-    try:
-        layers = Layers(bench)
-    except Exception as error:  # recorded; the kernel and rate sections still stand
-        error_text = f"{type(error).__name__}: {error}"
-        bench.results["layer_build"] = {"error": error_text, "traceback": traceback.format_exc()}
-        return
-    bench.results["layer_build"] = {"attention_backend_auto": ops.resolve_backend(layers.x)}
-
-    extra, liger_rope_calls = {}, []
-    if not args.no_liger and bench.device.type == "cuda":
-        try:
-            liger_layer, rope_fn = build_liger_layer(layers)
-            extra["liger"] = (liger_layer, lambda: liger_rope(rope_fn, liger_rope_calls))
-        except Exception as error:  # not installed or incompatible: say so
-            bench.results["liger"] = {"unavailable": f"{type(error).__name__}: {error}"}
-
-    correctness = section(bench, "layer_correctness", check_correctness, layers, extra)
-
+def layer_configs(bench: Bench, layers: Layers, *, compiled: bool, extra: dict, sdpa_default: bool) -> dict:
+    """name -> (layer, context) for the layer timings."""
     configs = {
         "stock": (layers.stock, contextlib.nullcontext),
         "tli": (layers.tli, contextlib.nullcontext),
         "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
     }
-    if bench.device.type == "cuda" and ops.resolve_backend(layers.x) == "sdpa_cudnn":
+    if sdpa_default:
+        from tli_kernels import ops
+
         configs["tli_sdpa_default_order"] = (layers.tli, lambda: ops.attention_backend("sdpa"))
     configs.update(extra)
-    if not args.no_compile:
+    if compiled:
         configs["stock_compiled"] = (torch.compile(layers.stock), contextlib.nullcontext)
         configs["tli_compiled"] = (torch.compile(layers.tli), contextlib.nullcontext)
-    section(bench, "layer", measure_layer, layers, configs)
-    if "liger" in extra:
-        bench.results["liger"] = {"rope_patched_calls": len(liger_rope_calls), "parts": ["rms_norm", "swiglu", "rope"]}
-    section(bench, "floor", measure_floor)
-    bench.results["correctness_pass"] = bool(isinstance(correctness, dict) and correctness.get("pass"))
+    return configs
 
 
-# --------------------------------------------------------------------------------------- report
+def liger_extra(bench: Bench, layers: Layers, enabled: bool) -> tuple[dict, list, str | None]:
+    """Liger's layer as an extra configuration when it is importable (CUDA only); else why not."""
+    if not enabled or bench.device.type != "cuda":
+        return {}, [], "not requested" if not enabled else "CUDA only"
+    calls: list = []
+    try:
+        layer, rope_fn = build_liger_layer(layers)
+    except Exception as error:  # not installed or incompatible: say so
+        return {}, calls, f"{type(error).__name__}: {error}"
+    return {"liger": (layer, lambda: liger_rope(rope_fn, calls))}, calls, None
+
+
+# --------------------------------------------------------------------------------------- tables
+def layer_rows(label: str, layer: dict, floor: dict) -> list[list]:
+    """Rows of the layer table: times, speed-up over stock (same run), distance to the floor, peak memory."""
+    rows = []
+    floor_f, floor_fb = floor.get("floor_forward_ms"), floor.get("floor_forward_backward_ms")
+    for name, entry in layer.items():
+        if "forward" not in entry:
+            rows.append([label, name, entry.get("error", "n/a"), "", "", "", "", "", ""])
+            continue
+        f, fb = entry["forward"]["median_ms"], entry["forward_backward"]["median_ms"]
+        peak = entry.get("peak_memory_bytes")
+        rows.append([
+            label, name, fmt(f), fmt(fb), fmt_ratio(entry.get("speedup_forward")),
+            fmt_ratio(entry.get("speedup_forward_backward")), fmt_ratio(ratio(f, floor_f)),
+            fmt_ratio(ratio(fb, floor_fb)), fmt(peak / 2**20 if peak is not None else None, ".0f"),
+        ])  # fmt: skip
+    if floor_f is not None:
+        rows.append([label, "floor: GEMMs timed + best attention", fmt(floor_f), fmt(floor_fb), "", "", "", "", ""])
+    if "floor_forward_at_rate_ms" in floor:
+        rows.append([
+            label, "floor: GEMMs at the matmul rate + attention", fmt(floor["floor_forward_at_rate_ms"]),
+            fmt(floor["floor_forward_backward_at_rate_ms"]), "", "", "", "", "",
+        ])  # fmt: skip
+    return rows
+
+
+LAYER_HEADERS = ["case", "layer", "fwd ms", "fwd+bwd ms", "fwd speed-up vs stock", "fwd+bwd speed-up vs stock",
+                 "fwd / floor", "fwd+bwd / floor", "peak MiB (fwd+bwd)"]  # fmt: skip
+KERNEL_HEADERS = ["case", "kernel", "tli fwd ms", "stock fwd ms", "fwd speed-up", "tli bwd ms", "stock bwd ms",
+                  "bwd speed-up", "tli fwd GB/s (share of copy)", "tli bwd GB/s (share)",
+                  "rel err vs fp32 fwd, tli / stock"]  # fmt: skip
+
+
+def kernel_rows(label: str, kernels: dict) -> list[list]:
+    rows = []
+    for name, entry in kernels.items():
+        if not isinstance(entry, dict) or "tli" not in entry:
+            continue
+        tli, eager = entry["tli"], entry["eager"]
+        rows.append([
+            label, name, fmt(tli["forward"]["median_ms"], ".4f"), fmt(eager["forward"]["median_ms"], ".4f"),
+            fmt_ratio(entry.get("speedup_forward")), fmt(tli["backward"]["median_ms"], ".4f"),
+            fmt(eager["backward"]["median_ms"], ".4f"), fmt_ratio(entry.get("speedup_backward")),
+            f"{tli['forward_gb_per_s']:.0f} ({fmt(tli.get('forward_share_of_copy_bw'), '.0%')})",
+            f"{tli['backward_gb_per_s']:.0f} ({fmt(tli.get('backward_share_of_copy_bw'), '.0%')})",
+            f"{tli['forward_rel_error']:.2e} / {eager['forward_rel_error']:.2e}",
+        ])  # fmt: skip
+    return rows
+
+
+def correctness_lines(correctness: dict) -> list[str]:
+    if "errors" not in correctness:
+        return []
+    verdict = "PASS" if correctness["pass"] else "FAIL"
+    lines = [f"Correctness ({correctness['criterion']}): **{verdict}**", ""]
+    for name, errs in correctness["errors"].items():
+        worst = max((v, k) for k, v in errs.items() if k != "output")
+        lines.append(f"- {name}: output {errs['output']:.2e}, worst gradient {worst[0]:.2e} ({worst[1]})")
+    return lines + [""]
+
+
+def rates_line(rates: dict, dtype: str) -> str:
+    if "matmul_tflops" not in rates:
+        return ""
+    shape = "x".join(map(str, rates["matmul_shape"]))
+    return (
+        f"Measured rates: {dtype} matmul {rates['matmul_tflops']:.0f} TFLOP/s ({shape}), "
+        f"device copy {rates['copy_gb_per_s']:.0f} GB/s (read + write)."
+    )
+
+
 def markdown(results: dict) -> str:
-    meta = results["meta"]
+    settings = results["settings"]
+    env = results["environment"]
+    device = (env.get("accelerator") or {}).get("name", "CPU")
     lines = [
-        f"# tli kernels on {meta['hardware'].get('device')} ({meta['date']})",
+        f"# tli kernels on {device} ({env['date_utc']} UTC)",
         "",
-        f"versions: {json.dumps(meta['versions'])}",
-        f"shape: {json.dumps(meta['shape'])}, dtype {meta['dtype']}, {meta['timing']}",
+        describe_environment(env),
+        "",
+        f"Case: {settings['case']}, dtype {settings['dtype']}, {settings['timing']}. Baseline: the stock "
+        "transformers layer / the eager PyTorch ops it runs, timed in the same run; speed-up = stock time / time.",
+        "",
+        rates_line(results.get("rates", {}), settings["dtype"]),
         "",
     ]
-    rates = results.get("rates", {})
-    if "matmul_tflops" in rates:
-        lines += [f"measured: matmul {rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_gb_per_s']:.0f} GB/s", ""]
+    case = settings["case"]
+    label = f"{case['model']} {case['batch']}x{case['seq']}"
     layer = results.get("layer", {})
-    if layer and "error" not in layer:
-        stock = layer.get("stock", {})
-        lines += [
-            "| layer | forward ms | fwd+bwd ms | vs stock fwd+bwd | peak MiB (fwd+bwd) |",
-            "|---|---|---|---|---|",
-        ]
-        for name, entry in layer.items():
-            if "forward" not in entry:
-                lines.append(f"| {name} | {entry.get('error', 'n/a')} | | | |")
-                continue
-            fb = entry["forward_backward"]["median_ms"]
-            ratio = stock["forward_backward"]["median_ms"] / fb if "forward_backward" in stock else float("nan")
-            peak = entry.get("peak_memory_bytes")
-            lines.append(
-                f"| {name} | {entry['forward']['median_ms']:.3f} | {fb:.3f} | {ratio:.2f}x | {peak / 2**20:.0f} |"
-                if peak is not None
-                else f"| {name} | {entry['forward']['median_ms']:.3f} | {fb:.3f} | {ratio:.2f}x | n/a |"
-            )
-        floor = results.get("floor", {})
-        if "floor_forward_ms" in floor:
-            lines.append(
-                f"| floor (GEMMs timed + attention) | {floor['floor_forward_ms']:.3f} | "
-                f"{floor['floor_forward_backward_ms']:.3f} | | |"
-            )
-        if "floor_forward_at_rate_ms" in floor:
-            lines.append(
-                f"| floor (GEMMs at matmul rate + attention) | {floor['floor_forward_at_rate_ms']:.3f} | "
-                f"{floor['floor_forward_backward_at_rate_ms']:.3f} | | |"
-            )
-        lines.append("")
+    if isinstance(layer, dict) and "error" not in layer and layer:
+        lines += [markdown_table(LAYER_HEADERS, layer_rows(label, layer, results.get("floor", {}))), ""]
     kernels = results.get("kernels", {})
-    if kernels and "error" not in kernels:
-        lines += [
-            "| kernel | tli fwd ms | tli bwd ms | fwd GB/s (share of copy) | bwd GB/s (share) | eager fwd ms "
-            "| eager bwd ms | rel err vs fp32, fwd tli / eager |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, entry in kernels.items():
-            tli, eager = entry["tli"], entry["eager"]
-            lines.append(
-                f"| {name} | {tli['forward']['median_ms']:.4f} | {tli['backward']['median_ms']:.4f} | "
-                f"{tli['forward_gb_per_s']:.0f} ({tli.get('forward_share_of_copy_bw', float('nan')):.0%}) | "
-                f"{tli['backward_gb_per_s']:.0f} ({tli.get('backward_share_of_copy_bw', float('nan')):.0%}) | "
-                f"{eager['forward']['median_ms']:.4f} | {eager['backward']['median_ms']:.4f} | "
-                f"{tli['forward_rel_error']:.2e} / {eager['forward_rel_error']:.2e} |"
-            )
-        lines.append("")
-    correctness = results.get("layer_correctness", {})
-    if "errors" in correctness:
-        lines += [f"correctness ({correctness['criterion']}): {'PASS' if correctness['pass'] else 'FAIL'}"]
-        for name, errs in correctness["errors"].items():
-            worst = max((v, k) for k, v in errs.items() if k != "output")
-            lines.append(f"- {name}: output {errs['output']:.2e}, worst gradient {worst[0]:.2e} ({worst[1]})")
-        lines.append("")
+    if isinstance(kernels, dict) and "error" not in kernels and kernels:
+        lines += [markdown_table(KERNEL_HEADERS, kernel_rows(label, kernels)), ""]
+    lines += correctness_lines(results.get("layer_correctness", {}))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def layer_sections(bench: Bench, case: Case, args: argparse.Namespace, prefix: str = "") -> None:
+    """correctness, layer and floor of one case, each a section of bench.results."""
+    results = bench.results
+    try:
+        layers = Layers(bench, case.model)
+    except Exception as error:  # recorded; the kernel and rate sections still stand
+        results.put(prefix + "layer_build", {"error": f"{type(error).__name__}: {error}",
+                                             "traceback": traceback.format_exc()})  # fmt: skip
+        results.save()
+        return
+    auto = auto_attention_backend(bench, case)
+    results.put(prefix + "layer_build", {"attention_backend_auto": auto})
+    extra, liger_calls, liger_missing = liger_extra(bench, layers, not args.no_liger)
+    correctness = results.section(prefix + "layer_correctness", check_correctness, bench, layers, case, extra)
+    configs = layer_configs(bench, layers, compiled=not args.no_compile, extra=extra, sdpa_default=auto == "sdpa_cudnn")
+    results.section(prefix + "layer", measure_layer, bench, layers, case, configs)
+    results.put(prefix + "liger", {"unavailable": liger_missing} if liger_missing else
+                {"rope_patched_calls": len(liger_calls), "parts": ["rms_norm", "swiglu", "rope"]})  # fmt: skip
+    results.section(prefix + "floor", measure_floor, bench, case)
+    results.put(prefix + "correctness_pass", bool(isinstance(correctness, dict) and correctness.get("pass")))
+    results.save()
+
+
+def auto_attention_backend(bench: Bench, case: Case) -> str:
+    """What the attention dispatch picks for this case's queries on this device."""
+    from tli_kernels import ops
+
+    d = case.dims
+    q = torch.empty(case.batch, d["heads"], 1, d["head_dim"], device=bench.device, dtype=bench.dtype)
+    return ops.resolve_backend(q)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -629,19 +744,38 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 1 if args.smoke else 5
     if args.reps is None:
         args.reps = 2 if args.smoke else 30
-    bench = Bench(args)
-    if bench.device.type != "cuda":
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
         if not args.smoke:
             parser.error("the full shapes need a CUDA GPU; use --smoke on CPU")
         args.no_compile = True  # inductor on CPU needs a C++ toolchain and minutes; not what this checks
-    print(f"tli gpu_kernels: {bench.results['meta']['hardware']} -> {bench.out}", flush=True)
-    section(bench, "rates", measure_rates)
-    section(bench, "kernels", measure_kernels)
-    layer_sections(bench, args)
-    bench.save()
-    (bench.out / "gpu_kernels.md").write_text(markdown(bench.results))
-    print(markdown(bench.results), flush=True)
-    return 0 if bench.results.get("correctness_pass") or args.smoke else 1
+    case = Case("smoke", 1, 16) if args.smoke else Case("llama3_8b", 2, 4096)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = Path(args.out)
+    results = Results(
+        out / "gpu_kernels.json",
+        settings={
+            "smoke": args.smoke,
+            "case": vars(case),
+            "dims": case.dims,
+            "dtype": str(dtype),
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+            "timing": "CUDA events per call, median of reps after warm-up, inputs rotated" if device.type == "cuda"
+            else "perf_counter per call (CPU smoke run: timings and bf16 errors mean nothing here)",
+        },
+    )  # fmt: skip
+    bench = Bench(results, device=device, dtype=dtype, warmup=args.warmup, reps=args.reps,
+                  max_sets=2 if args.smoke else 8)  # fmt: skip
+    print(f"tli gpu_kernels: {results.data['environment']['accelerator'] or 'CPU'} -> {out}", flush=True)
+    results.section("rates", measure_rates, bench, **RATES["smoke" if args.smoke else "full"])
+    results.section("kernels", measure_kernels, bench, case)
+    layer_sections(bench, case, args)
+    text = markdown(results.data)
+    (out / "gpu_kernels.md").write_text(text)
+    print(text, flush=True)
+    return 0 if results.data.get("correctness_pass") or args.smoke else 1
 
 
 if __name__ == "__main__":

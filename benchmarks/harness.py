@@ -1,0 +1,366 @@
+"""The one harness every benchmark in this folder uses.
+
+Timing a call (`time_fn`): warm-up calls first, then `reps` timed calls, median reported (with the 20th
+and 80th percentiles and the minimum). On CUDA each call is bracketed by its own pair of CUDA events
+(the GPU's clock, so launch gaps between calls are not counted); on CPU it is perf_counter. Inputs
+rotate: given several argument sets, call i gets set i mod n, so a kernel whose inputs would fit in
+L2 is not timed reading its own cached output (`rotation_sets` picks n from the device's L2 size).
+
+Timing a process (`run_process`): wall clock, CPU time and peak RSS of a whole process tree from
+os.wait4 (the same rusage `/usr/bin/time -v` prints, without needing that program).
+
+Recording (`Results`): one JSON document per run, rewritten (atomically) after every section so a run
+that is cut off keeps what it had; a failing section records its error and the run goes on. Every
+document carries `environment()`: date, git commit, machine, accelerator and library versions.
+Tables are markdown (`markdown_table`), with the baseline named and ratios taken within the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Distributions whose versions go with every result (None when not installed).
+VERSIONED = ("torch", "triton", "transformers", "safetensors", "numpy", "flash-attn", "liger-kernel")
+
+
+# ------------------------------------------------------------------------------------ timing a call
+def time_fn(
+    fn: Callable[..., object],
+    *,
+    device=None,
+    warmup: int = 5,
+    reps: int = 20,
+    setup: Callable[..., object] | None = None,
+    inputs: Sequence[Sequence] | None = None,
+) -> dict:
+    """Milliseconds per call of `fn`: median, p20, p80, min, reps, and the number of rotated input sets.
+
+    inputs: argument tuples; call i runs `setup(*inputs[i % n])` (untimed) then `fn(*inputs[i % n])`.
+    Without inputs, fn and setup take no arguments.
+    """
+    sets = list(inputs) if inputs else [()]
+    cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
+    if cuda:
+        import torch
+
+    def args(i: int) -> Sequence:
+        return sets[i % len(sets)]
+
+    for i in range(warmup):
+        if setup is not None:
+            setup(*args(i))
+        fn(*args(i))
+    samples = []
+    if cuda:
+        torch.cuda.synchronize(device)
+        for i in range(reps):
+            if setup is not None:
+                setup(*args(warmup + i))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args(warmup + i))
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for i in range(reps):
+            if setup is not None:
+                setup(*args(warmup + i))
+            started = time.perf_counter()
+            fn(*args(warmup + i))
+            samples.append((time.perf_counter() - started) * 1e3)
+    return summarize_ms(samples) | {"input_sets": len(sets)}
+
+
+def summarize_ms(samples: Sequence[float]) -> dict:
+    """median / p20 / p80 / min of a list of milliseconds."""
+    if not samples:
+        raise ValueError("no samples to summarize (reps must be >= 1)")
+    s = sorted(samples)
+    return {
+        "median_ms": statistics.median(s),
+        "p20_ms": s[int(0.2 * (len(s) - 1))],
+        "p80_ms": s[int(0.8 * (len(s) - 1))],
+        "min_ms": s[0],
+        "reps": len(s),
+    }
+
+
+def cache_bytes(device=None) -> int:
+    """The last-level cache a rotation must overflow: the GPU's L2 on CUDA, else the CPU's largest cache."""
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 << 20)
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def rotation_sets(bytes_per_set: int, device=None, *, minimum: int = 2, maximum: int = 8) -> int:
+    """How many input sets to cycle so that together they are at least 3x the last-level cache."""
+    needed = math.ceil(3 * cache_bytes(device) / max(1, bytes_per_set))
+    return max(minimum, min(maximum, needed))
+
+
+def peak_memory(fn: Callable[[], object], device) -> int | None:
+    """Bytes allocated at the peak of one call of `fn`, above what was allocated before (CUDA only)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# --------------------------------------------------------------------------------- timing a process
+def run_process(cmd: str, *, timeout: float = 7200, env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run `cmd` under bash and wait for it with os.wait4: wall seconds, CPU seconds and peak RSS (MiB,
+    the largest process of the tree: bash waits for its children, so their rusage is folded in).
+    Raises RuntimeError with the tail of stderr when it fails or runs past `timeout`."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(["bash", "-c", cmd], stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+        killed = []
+
+        def kill():
+            killed.append(True)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if killed or proc.returncode != 0:
+            err.seek(0)
+            tail = err.read()[-3000:].decode(errors="replace")
+            why = f"timed out after {timeout:.0f} s" if killed else f"exit status {proc.returncode}"
+            raise RuntimeError(f"{why}: {cmd}\n{tail}")
+    return {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "load_before": round(load, 2),
+    }
+
+
+# -------------------------------------------------------------------------------------- environment
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """The commit the code came from, and whether the tracked files differ from it."""
+    commit = _git("rev-parse", "--short=12", "HEAD") or os.environ.get("TLI_GIT_COMMIT")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        import tli_kernels
+
+        out["tli_kernels"] = tli_kernels.__version__
+    except Exception:  # run from a checkout that cannot import: say so rather than fail the benchmark
+        out["tli_kernels"] = None
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def accelerator() -> dict | None:
+    """The CUDA device, or None; queried only when torch is already imported (no CUDA init otherwise)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "l2_cache_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        "cuda": torch.version.cuda,
+        "count": torch.cuda.device_count(),
+    }
+
+
+def environment(**extra) -> dict:
+    """Date, git state, machine, accelerator and versions: recorded with every result."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "git": git_state(),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "cpus_usable": usable,
+            "memory_gib": _memory_gib(),
+            "os": f"{platform.system()} {platform.release()}",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+        "accelerator": accelerator(),
+        "versions": versions(),
+    }
+    env.update(extra)
+    return env
+
+
+def describe_environment(env: dict) -> str:
+    """One paragraph naming when, where and with what a result was measured."""
+    m, v, git = env["machine"], env["versions"], env.get("git") or {}
+    acc = env.get("accelerator")
+    device = f"{acc['name']} (sm {acc['capability']}, {acc['memory_gib']} GiB, CUDA {acc['cuda']})" if acc else "no GPU"
+    names = ", ".join(f"{k} {val}" for k, val in v.items() if val is not None)
+    commit = git.get("commit") or "unknown"
+    if git.get("dirty"):
+        commit += " + uncommitted changes"
+    return (
+        f"Measured {env['date_utc']} UTC at commit {commit}. Machine: {m['cpu']}, {m['cpus']} CPUs "
+        f"({m['cpus_usable']} usable), {m['memory_gib']} GiB RAM, {m['os']}, load average "
+        f"{m['load_average'][0]:.1f} at the start; {device}. Versions: {names}."
+    )
+
+
+# ---------------------------------------------------------------------------------------- recording
+class Results:
+    """A JSON document rewritten after every section. Keys may be nested paths ("layer/8b/4096")."""
+
+    def __init__(self, path: str | os.PathLike, **meta):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data: dict = {"environment": environment(), **meta}
+        self.started = time.perf_counter()
+        self.save()
+
+    def get(self, key: str, default=None):
+        node = self.data
+        for part in key.split("/"):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def put(self, key: str, value) -> None:
+        *parents, last = key.split("/")
+        node = self.data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+    def section(self, key: str, fn: Callable[..., object], *args, **kwargs):
+        """Run fn; store its result (or its error and traceback) under key, with its seconds; save."""
+        started = time.perf_counter()
+        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as error:  # recorded, not hidden: the JSON says which section failed and why
+            value = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            print(f"    {key} failed: {value['error']}", flush=True)
+        self.put(key, value)
+        self.data.setdefault("section_seconds", {})[key] = round(time.perf_counter() - started, 2)
+        self.save()
+        return value
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------------------------- markdown
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; None cells print as empty."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, the table {len(headers)}: {row}")
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def fmt(x: float | None, spec: str = ".3f", suffix: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return fmt(x, ".2f", "x")

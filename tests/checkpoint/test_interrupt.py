@@ -49,7 +49,16 @@ def source_and_reference(tmp_path_factory):
 def start(src: str, dst: str, *extra: str, delay_us: int = 15_000) -> subprocess.Popen:
     env = {**os.environ, executor_native.TEST_DELAY_ENV: str(delay_us)}
     cmd = [sys.executable, "-m", "tli_kernels.cli.main", "upscale", src, dst, *ARGS, *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: give the
+    # child the default disposition so it installs its KeyboardInterrupt handler however we were run.
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def interrupt(proc: subprocess.Popen, dst: str, sig: int, rng: random.Random) -> tuple[int, str]:

@@ -30,8 +30,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The CPU-sized subset (~1-2 minutes): conversion vs cp on a 0.27 GB checkpoint, the kernels at tiny shapes.
+# Prints pytest-benchmark's tables, then ours with the ratios (also in build/bench/cpu_subset.md).
+# The GPU suite is one script: PYTHONPATH=. python benchmarks/gpu_suite.py --out DIR (see BENCHMARKS.md).
 bench: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q benchmarks --benchmark-only
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q benchmarks --benchmark-only \
+		--benchmark-columns=min,median,max,rounds --benchmark-sort=name
 
 clean:
 	rm -rf $(VENV) build .cache

@@ -1,13 +1,16 @@
 """Conversion benchmark: `tli upscale --method tli --k 2` against `cp -r` of the source, mergekit's
 passthrough with the same layer slices, and transformers' load -> edit -> save_pretrained, on dense
-Llama-3.2-1B and -3B-shaped checkpoints; then a sparse Llama-3.1-405B-shaped one.
+checkpoints of several sizes (SmolLM2-135M-, Llama-3.2-1B-, -3B-shaped; -8B with cp and tli only);
+then a sparse Llama-3.1-405B-shaped one.
 
-Every job is a shell command timed to "finished and on disk" (`CMD && sync`) under
-`/usr/bin/time -v` (wall clock, peak RSS of the process tree, CPU time). Jobs run side by side in
-one session, in alternating order, with the page cache warm (this machine does not allow dropping
-caches); the output folder is removed and `sync`ed before each job.
+Every job is a shell command timed to "finished and on disk" (`CMD && sync`) by
+benchmarks/harness.py's `run_process` (os.wait4: wall clock, CPU time, peak RSS of the process tree,
+the numbers `/usr/bin/time -v` prints). Jobs run side by side in one session, in alternating order,
+with the page cache warm (this machine does not allow dropping caches); the output folder is removed
+and `sync`ed before each job. Throughput is bytes written per wall second, and source bytes per wall
+second (the model converted per second).
 
-    python benchmarks/bench_conversion.py --workdir /work/bench --reps 3 \
+    python benchmarks/bench_conversion.py --workdir /work/bench --reps 5 --python-engine \
         --mergekit /work/venv-mergekit/bin/mergekit-yaml --out docs/bench_conversion.md
 
 Writes the markdown table (--out) and the raw results as JSON next to it.
@@ -16,11 +19,8 @@ Writes the markdown table (--out) and the raw results as JSON next to it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -28,9 +28,26 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import describe_environment, environment, fmt, markdown_table, run_process  # noqa: E402
+
 TLI = [sys.executable, "-m", "tli_kernels.cli.main"]
-SIZES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
+# size -> synthetic preset (tli_kernels.checkpoint.synthetic); "smollm2-135m" is SmolLM2-135M's shape.
+SIZES = {"135m": "smollm2-135m", "1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+# Jobs repeated --reps times; the others (slow baselines) --baseline-reps times.
+FAST_JOBS = ("cp -r", "tli (native)", "tli library call (no CLI)")
+# Sizes whose load-everything baselines do not fit this machine's memory next to other work.
+NO_IN_MEMORY_BASELINES = ("8b",)
 
 # transformers' way: load the whole model, edit the layer list, save it.
 TRANSFORMERS_SCRIPT = r"""
@@ -53,27 +70,13 @@ model.save_pretrained(dst)
 """
 
 
-def sh(cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, **kw)
+def sh(cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
 
 
 def timed(cmd: str) -> dict:
-    """Run `cmd && sync` under /usr/bin/time -v: wall seconds, peak RSS (MiB), CPU seconds."""
-    load = os.getloadavg()[0]
-    done = subprocess.run(
-        ["/usr/bin/time", "-v", "bash", "-c", f"{cmd} && sync"], capture_output=True, text=True, timeout=7200
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"failed ({done.returncode}): {cmd}\n{done.stderr[-3000:]}")
-    stats = dict(re.findall(r"^\s*(.+?): (.+)$", done.stderr, re.M))
-    wall = stats["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
-    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall)))
-    return {
-        "wall_s": round(seconds, 2),
-        "peak_rss_mib": round(int(stats["Maximum resident set size (kbytes)"]) / 1024, 1),
-        "cpu_s": round(float(stats["User time (seconds)"]) + float(stats["System time (seconds)"]), 2),
-        "load_before": round(load, 2),
-    }
+    """`cmd && sync` with wall seconds, CPU seconds, peak RSS (MiB) and the load average before it."""
+    return run_process(f"{cmd} && sync")
 
 
 def disk_bytes(path: str) -> tuple[int, int]:
@@ -106,91 +109,107 @@ def mergekit_config(src: str, n: int, k: int) -> str:
     return "\n".join(lines)
 
 
-def environment(workdir: str, mergekit: str | None) -> dict:
-    def version(mod: str, python: str = sys.executable) -> str:
-        out = subprocess.run([python, "-c", f"import {mod}; print({mod}.__version__)"], capture_output=True, text=True)
-        return out.stdout.strip() or "not installed"
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+def tool_versions(workdir: str, mergekit: str | None) -> dict:
+    """What the harness does not know: the file system, cp, mergekit."""
     fs = sh(f"df -T {shlex.quote(workdir)} | tail -1").stdout.split()
-    commit = sh(f"git -C {REPO} rev-parse --short HEAD").stdout.strip()
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "memory_gib": round(mem / 2**20, 1),
-        "kernel": platform.release(),
+    out = {
         "filesystem": f"{fs[1]} on {fs[0]}" if len(fs) > 1 else "?",
-        "python": platform.python_version(),
-        "tli_kernels": f"{version('tli_kernels')} ({commit})",
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "safetensors": version("safetensors"),
         "cp": sh("cp --version | head -1").stdout.strip(),
     }
     if mergekit:
         python = os.path.join(os.path.dirname(mergekit), "python")
-        env["mergekit"] = sh(f"{shlex.quote(python)} -m pip show mergekit | grep ^Version").stdout.split()[-1:] or "?"
-        env["mergekit"] = env["mergekit"][0] if env["mergekit"] else "?"
-    return env
+        version = sh(f"{shlex.quote(python)} -m pip show mergekit | grep ^Version").stdout.split()[-1:]
+        out["mergekit"] = version[0] if version else "?"
+    return out
 
 
-def dense_size(args, size: str) -> dict:
-    from tli_kernels.checkpoint.synthetic import PRESETS, write_preset
+def write_source(workdir: str, size: str) -> tuple[str, int]:
+    """The dense source checkpoint of a size (written once, reused); returns (folder, layers)."""
+    from tli_kernels.checkpoint.synthetic import PRESETS, llama_config, write_checkpoint, write_preset
 
     preset = SIZES[size]
-    src = os.path.join(args.workdir, f"src-{size}")
+    src = os.path.join(workdir, f"src-{size}")
+    if preset == "smollm2-135m":
+        config = llama_config("llama-3.2-1b", **SMOLLM2_135M)
+        layers = config["num_hidden_layers"]
+        writer = lambda: write_checkpoint(src, config, fill="dense", num_shards=1)  # noqa: E731
+    else:
+        layers = PRESETS[preset]["num_hidden_layers"]
+        writer = lambda: write_preset(src, preset, fill="dense")  # noqa: E731
     if not os.path.exists(os.path.join(src, "config.json")):
         print(f"writing dense {preset} to {src} ...", flush=True)
         shutil.rmtree(src, ignore_errors=True)
-        write_preset(src, preset, fill="dense")
-    n = PRESETS[preset]["num_hidden_layers"]
+        writer()
+    return src, layers
+
+
+def tli_commands(src: str, out: str) -> dict:
+    """The tli jobs: the command line (native engine), the library call, the Python engine."""
+    q = shlex.quote
+    call = f"from tli_kernels.upscale import upscale; upscale({src!r}, {out!r}, 'tli', options=dict(k=2)"
+    cli = " ".join(map(q, [*TLI, "upscale", src, out, "--method", "tli", "--k", "2", "--quiet"]))
+    return {
+        "tli (native)": cli,
+        "tli library call (no CLI)": f"{q(sys.executable)} -c {q(call + ')')}",
+        "tli (python engine)": cli + " --engine python",
+        "tli library call, python engine": f"{q(sys.executable)} -c {q(call + ', engine=' + repr('python') + ')')}",
+    }
+
+
+def run_jobs(
+    jobs: dict, out: str, *, reps: int, baseline_reps: int, fast: tuple = FAST_JOBS, label: str = ""
+) -> tuple[dict, dict]:
+    """Jobs in `fast` `reps` times, the others `baseline_reps` times, alternating order between repetitions;
+    returns (runs, bytes written)."""
+    runs: dict[str, list[dict]] = {name: [] for name in jobs}
+    written: dict[str, int] = {}
+    names = list(jobs)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            if name not in fast and rep >= baseline_reps:
+                continue
+            clean(out)
+            r = timed(jobs[name])
+            written[name] = disk_bytes(out)[0]
+            runs[name].append(r)
+            print(f"  {label} rep {rep} {name:32s} {r}", flush=True)
+    clean(out)
+    return runs, written
+
+
+def dense_size(args, size: str) -> dict:
+    src, n = write_source(args.workdir, size)
     out = os.path.join(args.workdir, "out")
     q = shlex.quote
-    library = f"from tli_kernels.upscale import upscale; upscale({src!r}, {out!r}, 'tli', options=dict(k=2))"
-    jobs = {
-        "cp -r": f"cp -r {q(src)} {q(out)}",
-        "tli (native)": " ".join(map(q, [*TLI, "upscale", src, out, "--method", "tli", "--k", "2", "--quiet"])),
-        "tli library call (no CLI)": f"{q(sys.executable)} -c {q(library)}",
-    }
+    tli = tli_commands(src, out)
+    jobs = {"cp -r": f"cp -r {q(src)} {q(out)}", **{k: tli[k] for k in ("tli (native)", "tli library call (no CLI)")}}
     if args.python_engine:
-        jobs["tli (python engine)"] = jobs["tli (native)"] + " --engine python"
-    if args.mergekit:
+        jobs["tli (python engine)"] = tli["tli (python engine)"]
+    in_memory = size not in NO_IN_MEMORY_BASELINES
+    if args.mergekit and in_memory:
         cfg = os.path.join(args.workdir, f"mergekit-{size}.yml")
         with open(cfg, "w") as f:
             f.write(mergekit_config(src, n, 2))
         jobs["mergekit passthrough"] = (
             f"{q(args.mergekit)} {q(cfg)} {q(out)} --no-copy-tokenizer --no-write-model-card --quiet"
         )
-    if args.transformers:
+    if args.transformers and in_memory:
         script = os.path.join(args.workdir, "transformers_tli.py")
         with open(script, "w") as f:
             f.write(TRANSFORMERS_SCRIPT)
         jobs["transformers load/edit/save"] = f"{q(sys.executable)} {q(script)} {q(src)} {q(out)} 2"
-    runs: dict[str, list[dict]] = {name: [] for name in jobs}
-    written: dict[str, int] = {}
-    names = list(jobs)
-    for rep in range(args.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            if name not in ("cp -r", "tli (native)", "tli library call (no CLI)") and rep >= args.baseline_reps:
-                continue  # the slow baselines: fewer repetitions
-            clean(out)
-            r = timed(jobs[name])
-            written[name] = disk_bytes(out)[0]
-            runs[name].append(r)
-            print(f"  {size} rep {rep} {name:30s} {r}", flush=True)
-    clean(out)
+    runs, written = run_jobs(jobs, out, reps=args.reps, baseline_reps=args.baseline_reps, label=size)
     paired = [t["wall_s"] / c["wall_s"] for t, c in zip(runs["tli (native)"], runs["cp -r"])]
     startup = timed(" ".join(map(q, [*TLI, "upscale", "--help"])) + " > /dev/null")
     return {
-        "preset": preset,
+        "preset": SIZES[size],
         "cli_startup": startup,
         "source_bytes": disk_bytes(src)[0],
         "commands": jobs,
         "runs": runs,
         "bytes_written": written,
         "tli_over_cp_per_rep": [round(x, 3) for x in paired],
+        "skipped": [] if in_memory else ["mergekit passthrough", "transformers load/edit/save"],
     }
 
 
@@ -232,61 +251,90 @@ def sparse_405b(args) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------- report
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def summarize(runs: list[dict]) -> dict:
+    walls = [x["wall_s"] for x in runs]
+    return {
+        "wall_s": statistics.median(walls),
+        "wall_min": min(walls),
+        "wall_max": max(walls),
+        "cpu_s": statistics.median(x["cpu_s"] for x in runs),
+        "peak_rss_mib": max(x["peak_rss_mib"] for x in runs),
+        "reps": len(runs),
+    }
+
+
+CONVERSION_HEADERS = ["model", "job", "wall s", "x cp (wall)", "GB/s written", "source GB/s", "CPU s", "peak RSS",
+                      "bytes written"]  # fmt: skip
+
+
+def conversion_rows(label: str, source_bytes: int, runs: dict, written: dict, baseline: str = "cp -r") -> list[list]:
+    """One row per job: median wall (min-max), ratio to the baseline's median in the same run, throughput."""
+    base = summarize(runs[baseline])["wall_s"] if runs.get(baseline) else None
+    rows = []
+    for name, job_runs in runs.items():
+        if not job_runs:
+            continue
+        s = summarize(job_runs)
+        spread = f" ({s['wall_min']:.2f}-{s['wall_max']:.2f})" if s["reps"] > 1 else ""
+        rows.append([
+            label, name, f"{s['wall_s']:.2f}{spread}", fmt(s["wall_s"] / base if base else None, ".2f"),
+            f"{written[name] / s['wall_s'] / 1e9:.2f}", f"{source_bytes / s['wall_s'] / 1e9:.2f}",
+            f"{s['cpu_s']:.1f}", f"{s['peak_rss_mib']:.0f} MiB", gb(written[name]),
+        ])  # fmt: skip
+    return rows
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
+    tools = env.get("tools", {})
     loads = [x["load_before"] for r in results["dense"].values() for runs in r["runs"].values() for x in runs]
     load = statistics.median(loads) if loads else float("nan")
     lines = [
         "## Conversion",
         "",
-        f"Measured {env['date_utc']} UTC by `{results['command']}`.",
+        f"Command: `{results['command']}`.",
         "",
-        f"Machine: {env['cpu']}, {env['cpus']} CPUs, {env['memory_gib']} GiB RAM, Linux {env['kernel']}, "
-        f"{env['filesystem']}. Versions: Python {env['python']}, tli_kernels {env['tli_kernels']}, "
-        f"torch {env['torch']}, transformers {env['transformers']}, safetensors {env['safetensors']}"
-        + (f", mergekit {env['mergekit']}" if "mergekit" in env else "")
-        + f", {env['cp']}.",
+        describe_environment(env)
+        + f" Disk: {tools.get('filesystem', '?')}; {tools.get('cp', 'cp')}"
+        + (f"; mergekit {tools['mergekit']}" if "mergekit" in tools else "")
+        + ".",
         "",
-        "Each job is timed until its output is on disk (`CMD && sync`) with `/usr/bin/time -v`; jobs alternate "
-        "order between repetitions; the page cache is warm (dropping caches is not permitted here, so the source "
-        "is read from memory by every job alike). Wall and CPU time are medians over the repetitions (min-max in "
-        "brackets); peak RSS is the largest over them. The TLI job writes 1.4x the bytes `cp` writes (the "
-        "injected layers). `tli (native)` is the command line (`tli upscale`), whose start-up imports torch "
-        "(shown on its own); `tli library call` is `tli_kernels.upscale.upscale()` in a fresh interpreter. "
-        "`cp` keeps what it writes in the page cache; the engine drops its output pages once written "
-        "(docs/engine.md), which is why it overtakes `cp` once the output no longer fits comfortably in memory.",
+        "Baseline: `cp -r` of the source, in the same run; `x cp` = median wall time / cp's median wall time "
+        "(below 1 is faster than copying). Each job is timed until its output is on disk (`CMD && sync`) by "
+        "os.wait4 (wall, CPU time, peak RSS of the process tree); jobs alternate order between repetitions; "
+        "the page cache is warm (dropping caches is not permitted here, so the source is read from memory by "
+        "every job alike). Wall and CPU time are medians over the repetitions (min-max in brackets); peak RSS "
+        "is the largest over them. GB/s written = bytes written / wall; source GB/s = source size / wall (the "
+        "model converted per second). The TLI jobs write more bytes than `cp` (the injected layers: 1.4x at "
+        "1B/3B, see the last column). "
+        "`tli (native)` is the command line (`tli upscale`), whose start-up imports torch (shown on its own); "
+        "`tli library call` is `tli_kernels.upscale.upscale()` in a fresh interpreter. `cp` keeps what it "
+        "writes in the page cache; the engine drops its output pages once written (docs/engine.md), which is "
+        "why it overtakes `cp` once the output no longer fits comfortably in memory.",
         "",
-        f"Load average (1 min) before the jobs: median {load:.1f}, from other work on the machine (a 2-CPU VM "
-        "shared with other jobs); it is recorded per run in the JSON.",
+        f"Load average (1 min) before the jobs: median {load:.1f}, from other work on the machine; it is "
+        "recorded per run in the JSON.",
         "",
-        "| model | job | wall s | x cp | CPU s | peak RSS | bytes written |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in results["dense"].values():
-        cp = statistics.median(x["wall_s"] for x in r["runs"]["cp -r"])
-        for name, runs in r["runs"].items():
-            if not runs:
-                continue
-            walls = [x["wall_s"] for x in runs]
-            med = statistics.median(walls)
-            rng = f" ({min(walls):.1f}-{max(walls):.1f})" if len(walls) > 1 else ""
-            cpu = statistics.median(x["cpu_s"] for x in runs)
-            rss = max(x["peak_rss_mib"] for x in runs)
-            lines.append(
-                f"| {r['preset']} ({gb(r['source_bytes'])}) | {name} | {med:.1f}{rng} | {med / cp:.2f} | {cpu:.1f} | "
-                f"{rss:.0f} MiB | {gb(r['bytes_written'][name])} |"
-            )
+        label = f"{r['preset']} ({gb(r['source_bytes'])})"
+        rows += conversion_rows(label, r["source_bytes"], r["runs"], r["bytes_written"])
         paired = ", ".join(f"{x:.2f}" for x in r["tli_over_cp_per_rep"])
-        lines.append(f"| | tli (native) / cp, each repetition | {paired} | | | | |")
+        rows.append(["", "tli (native) / cp, each repetition", paired, "", "", "", "", "", ""])
         st = r["cli_startup"]
-        lines.append(
-            f"| | `tli upscale --help` alone (CLI start-up) | {st['wall_s']:.1f} | | {st['cpu_s']:.1f} | "
-            f"{st['peak_rss_mib']:.0f} MiB | |"
-        )
+        rows.append([
+            "", "`tli upscale --help` alone (CLI start-up)", f"{st['wall_s']:.2f}", "", "", "",
+            f"{st['cpu_s']:.1f}", f"{st['peak_rss_mib']:.0f} MiB", "",
+        ])  # fmt: skip
+        if r.get("skipped"):
+            rows.append(["", f"not run at this size (would not fit in RAM): {', '.join(r['skipped'])}"] + [""] * 7)
+    lines.append(markdown_table(CONVERSION_HEADERS, rows))
     if "sparse_405b" in results:
         s = results["sparse_405b"]
         lines += [
@@ -308,8 +356,8 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="/tmp/tli-bench", help="sources and outputs go here (needs ~30 GB)")
-    p.add_argument("--sizes", default="1b,3b", help="comma list of 1b, 3b (empty: none)")
+    p.add_argument("--workdir", default="/tmp/tli-bench", help="sources and outputs go here (~30 GB; 8b: ~40 GB)")
+    p.add_argument("--sizes", default="135m,1b,3b", help=f"comma list of {', '.join(SIZES)} (empty: none)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of cp and tli")
     p.add_argument("--baseline-reps", type=int, default=1, help="repetitions of mergekit/transformers/python")
     p.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml executable")
@@ -325,18 +373,25 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
         return 0
+    sizes = [s for s in args.sizes.split(",") if s]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        p.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
     os.makedirs(args.workdir, exist_ok=True)
     results = {
         "command": "python benchmarks/bench_conversion.py " + " ".join(map(shlex.quote, argv or sys.argv[1:])),
-        "environment": environment(args.workdir, args.mergekit),
+        "environment": environment(tools=tool_versions(args.workdir, args.mergekit)),
         "dense": {},
     }
-    for size in filter(None, args.sizes.split(",")):
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    for size in sizes:
         results["dense"][size] = dense_size(args, size)
+        with open(json_path, "w") as f:  # partial results survive an interrupted run
+            json.dump(results, f, indent=2)
     if args.sparse_405b:
         results["sparse_405b"] = sparse_405b(args)
-    results["environment"]["load_average_end"] = os.getloadavg()
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    results["environment"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
     with open(args.out, "w") as f:
         f.write(markdown(results))

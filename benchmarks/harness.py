@@ -6,8 +6,8 @@ and 80th percentiles and the minimum). On CUDA each call is bracketed by its own
 rotate: given several argument sets, call i gets set i mod n, so a kernel whose inputs would fit in
 L2 is not timed reading its own cached output (`rotation_sets` picks n from the device's L2 size).
 
-Timing a process (`run_process`): wall clock, CPU time and peak RSS of a whole process tree from
-os.wait4 (the same rusage `/usr/bin/time -v` prints, without needing that program).
+Timing a process (`run_process`): wall clock, CPU time and peak RSS of a whole process tree, from GNU
+time when installed, else from os.wait4 (with the RSS floor a forked child inherits recorded).
 
 Recording (`Results`): one JSON document per run, rewritten (atomically) after every section so a run
 that is cut off keeps what it had; a failing section records its error and the run goes on. Every
@@ -141,14 +141,39 @@ def peak_memory(fn: Callable[[], object], device) -> int | None:
 
 
 # --------------------------------------------------------------------------------- timing a process
+GNU_TIME = "/usr/bin/time"
+
+
+def _own_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def run_process(cmd: str, *, timeout: float = 7200, env: dict | None = None, cwd: str | None = None) -> dict:
-    """Run `cmd` under bash and wait for it with os.wait4: wall seconds, CPU seconds and peak RSS (MiB,
-    the largest process of the tree: bash waits for its children, so their rusage is folded in).
-    Raises RuntimeError with the tail of stderr when it fails or runs past `timeout`."""
+    """Run `cmd` under bash: wall seconds, CPU seconds and peak RSS in MiB of the largest process of the
+    tree (bash waits for its children, so their rusage is folded into its own).
+
+    The rusage comes from GNU time (`/usr/bin/time`) when installed, else from os.wait4 on bash. The
+    difference matters for peak RSS: a process's peak counts what it held before exec, and a child
+    forked from this (large) Python process starts with its RSS; GNU time is a small C program, so what
+    it reports for `cp` is cp's own ~2 MiB. Without it, `rss_floor_mib` records the RSS every child
+    inherited (peaks below it read as the floor). Raises RuntimeError with the tail of stderr when the
+    command fails or runs past `timeout`."""
     load = os.getloadavg()[0]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    gnu_time = os.access(GNU_TIME, os.X_OK)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as usage:
+        argv = ["bash", "-c", cmd]
+        if gnu_time:
+            argv = [GNU_TIME, "-f", "%U %S %M", "-o", usage.name, *argv]
+        floor = _own_rss_mib()
         started = time.perf_counter()
-        proc = subprocess.Popen(["bash", "-c", cmd], stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
         killed = []
 
         def kill():
@@ -161,7 +186,7 @@ def run_process(cmd: str, *, timeout: float = 7200, env: dict | None = None, cwd
         timer = threading.Timer(timeout, kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, rusage = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
@@ -171,12 +196,16 @@ def run_process(cmd: str, *, timeout: float = 7200, env: dict | None = None, cwd
             tail = err.read()[-3000:].decode(errors="replace")
             why = f"timed out after {timeout:.0f} s" if killed else f"exit status {proc.returncode}"
             raise RuntimeError(f"{why}: {cmd}\n{tail}")
-    return {
-        "wall_s": round(wall, 3),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
-        "load_before": round(load, 2),
-    }
+        result = {"wall_s": round(wall, 3), "load_before": round(load, 2)}
+        if gnu_time:
+            user, system, max_kib = usage.read().split()[-3:]
+            result.update(cpu_s=round(float(user) + float(system), 3), peak_rss_mib=round(int(max_kib) / 1024, 1))
+            result["rusage"] = "GNU time"
+        else:
+            cpu = rusage.ru_utime + rusage.ru_stime
+            result.update(cpu_s=round(cpu, 3), peak_rss_mib=round(rusage.ru_maxrss / 1024, 1))  # Linux: KiB
+            result.update(rusage="os.wait4", rss_floor_mib=round(floor, 1))
+    return result
 
 
 # -------------------------------------------------------------------------------------- environment
@@ -363,4 +392,7 @@ def fmt(x: float | None, spec: str = ".3f", suffix: str = "") -> str:
 
 
 def fmt_ratio(x: float | None) -> str:
+    """1.23x; small ratios keep two significant digits (0.0047x) rather than reading 0.00x."""
+    if x is not None and 0 < abs(x) < 0.1:
+        return f"{x:.2g}x"
     return fmt(x, ".2f", "x")

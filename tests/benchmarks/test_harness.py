@@ -1,0 +1,107 @@
+"""benchmarks/harness.py: timing with rotated inputs, process rusage, partial results, tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import harness  # noqa: E402
+
+
+def test_time_fn_rotates_input_sets_and_runs_setup_untimed():
+    calls, setups = [], []
+    result = harness.time_fn(
+        lambda i: calls.append(i), setup=lambda i: setups.append(i), inputs=[(0,), (1,), (2,)], warmup=1, reps=4
+    )
+    assert calls == [0, 1, 2, 0, 1] and setups == calls  # warm-up on set 0, then sets 1, 2, 0, 1
+    assert result["reps"] == 4 and result["input_sets"] == 3
+    assert result["min_ms"] <= result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
+
+
+def test_time_fn_without_inputs_calls_with_no_arguments():
+    count = []
+    assert harness.time_fn(lambda: count.append(1), warmup=2, reps=3)["input_sets"] == 1
+    assert len(count) == 5
+
+
+def test_summarize_ms():
+    s = harness.summarize_ms([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median_ms"], s["min_ms"], s["reps"]) == (3.0, 1.0, 5)
+    with pytest.raises(ValueError, match="no samples"):
+        harness.summarize_ms([])
+
+
+def test_rotation_sets_overflow_the_cache_within_bounds():
+    cache = harness.cache_bytes()
+    assert cache > 0
+    assert harness.rotation_sets(10 * cache) == 2  # large sets: the minimum
+    assert harness.rotation_sets(1) == 8  # tiny sets: the maximum
+    assert harness.rotation_sets(cache, maximum=16) == 3
+
+
+def test_run_process_reports_wall_cpu_and_peak_rss():
+    # 200 MiB actually touched: the peak RSS must see it
+    cmd = f"{sys.executable} -c \"b = bytearray(b'x' * (200 << 20))\""
+    r = harness.run_process(cmd)
+    assert r["peak_rss_mib"] >= 190
+    assert r["wall_s"] > 0 and r["cpu_s"] >= 0
+    small = harness.run_process("true")
+    assert small["peak_rss_mib"] < 190
+
+
+def test_run_process_without_gnu_time_records_the_inherited_floor(monkeypatch):
+    monkeypatch.setattr(harness, "GNU_TIME", "/nonexistent/time")
+    r = harness.run_process("true")
+    assert r["rusage"] == "os.wait4" and r["rss_floor_mib"] > 0
+
+
+def test_run_process_errors_name_the_command():
+    with pytest.raises(RuntimeError, match=r"exit status 3: echo oops >&2; exit 3\noops"):
+        harness.run_process("echo oops >&2; exit 3")
+    with pytest.raises(RuntimeError, match="timed out"):
+        harness.run_process("sleep 10", timeout=0.5)
+
+
+def test_results_keep_every_finished_section_on_disk(tmp_path):
+    path = tmp_path / "r.json"
+    results = harness.Results(path, settings={"a": 1})
+    saved = json.loads(path.read_text())
+    assert saved["settings"] == {"a": 1} and saved["environment"]["date_utc"]
+    assert results.section("models/x/ok", lambda: {"value": 2}) == {"value": 2}
+    assert json.loads(path.read_text())["models"]["x"]["ok"] == {"value": 2}
+
+    def boom():
+        raise MemoryError("out of memory")
+
+    failed = results.section("models/x/bad", boom)
+    assert failed["error"] == "MemoryError: out of memory" and "traceback" in failed
+    on_disk = json.loads(path.read_text())  # a run cut off now keeps both sections
+    assert on_disk["models"]["x"]["ok"] == {"value": 2} and "error" in on_disk["models"]["x"]["bad"]
+    assert set(on_disk["section_seconds"]) == {"models/x/ok", "models/x/bad"}
+    assert results.get("models/x/ok/value") == 2 and results.get("models/y", "none") == "none"
+    assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_environment_names_commit_machine_and_versions():
+    env = harness.environment(extra_field=1)
+    assert env["extra_field"] == 1
+    assert env["versions"]["torch"] and env["versions"]["python"]
+    assert env["machine"]["cpus"] >= 1
+    assert "commit" in env["git"]
+    text = harness.describe_environment(env)
+    assert env["date_utc"] in text and "torch" in text
+
+
+def test_markdown_table_and_ratio_formatting():
+    table = harness.markdown_table(["a", "b"], [[1, None], ["x", 2.5]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 |  |", "| x | 2.5 |"]
+    with pytest.raises(ValueError, match="2 cells"):
+        harness.markdown_table(["a"], [[1, 2]])
+    assert harness.fmt_ratio(1.234) == "1.23x"
+    assert harness.fmt_ratio(0.00471) == "0.0047x"
+    assert harness.fmt_ratio(None) == "n/a"
+    assert harness.ratio(1.0, 0) is None

@@ -7,7 +7,7 @@ rotate: given several argument sets, call i gets set i mod n, so a kernel whose 
 L2 is not timed reading its own cached output (`rotation_sets` picks n from the device's L2 size).
 
 Timing a process (`run_process`): wall clock, CPU time and peak RSS of a whole process tree, from GNU
-time when installed, else from os.wait4 (with the RSS floor a forked child inherits recorded).
+time when installed, else from a minimal Python waiter's os.wait4 (its RSS floor recorded).
 
 Recording (`Results`): one JSON document per run, rewritten (atomically) after every section so a run
 that is cut off keeps what it had; a failing section records its error and the run goes on. Every
@@ -26,8 +26,8 @@ import platform
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -143,68 +143,61 @@ def peak_memory(fn: Callable[[], object], device) -> int | None:
 # --------------------------------------------------------------------------------- timing a process
 GNU_TIME = "/usr/bin/time"
 
-
-def _own_rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+# Without GNU time: a minimal Python (-S, no site) forks the command, waits for it with os.wait4 and
+# writes its own RSS before the fork (the floor every child inherits) and the child's rusage.
+_WAITER = """
+import os, sys
+with open("/proc/self/status") as f:
+    floor = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write("%f %f %d %d" % (ru.ru_utime, ru.ru_stime, ru.ru_maxrss, floor))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
 
 
 def run_process(cmd: str, *, timeout: float = 7200, env: dict | None = None, cwd: str | None = None) -> dict:
     """Run `cmd` under bash: wall seconds, CPU seconds and peak RSS in MiB of the largest process of the
     tree (bash waits for its children, so their rusage is folded into its own).
 
-    The rusage comes from GNU time (`/usr/bin/time`) when installed, else from os.wait4 on bash. The
-    difference matters for peak RSS: a process's peak counts what it held before exec, and a child
-    forked from this (large) Python process starts with its RSS; GNU time is a small C program, so what
-    it reports for `cp` is cp's own ~2 MiB. Without it, `rss_floor_mib` records the RSS every child
-    inherited (peaks below it read as the floor). Raises RuntimeError with the tail of stderr when the
-    command fails or runs past `timeout`."""
+    A process's peak RSS counts what it held before exec, and a child forked from this (large) Python
+    process would start with its RSS. So the command is started by a small process that reports its
+    child's rusage: GNU time (`/usr/bin/time`, ~2 MiB: `cp` reads as cp's own ~2 MiB) when installed,
+    else a minimal Python waiter (~10 MiB), whose own RSS is recorded as `rss_floor_mib` (at most what
+    a child inherits: peaks near it mean "this small or smaller"). Raises RuntimeError with the tail of
+    stderr when the command fails or runs past `timeout`."""
     load = os.getloadavg()[0]
     gnu_time = os.access(GNU_TIME, os.X_OK)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as usage:
-        argv = ["bash", "-c", cmd]
         if gnu_time:
-            argv = [GNU_TIME, "-f", "%U %S %M", "-o", usage.name, *argv]
-        floor = _own_rss_mib()
+            argv = [GNU_TIME, "-f", "%U %S %M", "-o", usage.name, "bash", "-c", cmd]
+        else:
+            argv = [sys.executable, "-S", "-c", _WAITER, usage.name, "bash", "-c", cmd]
         started = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
-        killed = []
-
-        def kill():
-            killed.append(True)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
         try:
-            _, status, rusage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"timed out after {timeout:.0f} s: {cmd}") from None
         wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if killed or proc.returncode != 0:
+        if proc.returncode != 0:
             err.seek(0)
             tail = err.read()[-3000:].decode(errors="replace")
-            why = f"timed out after {timeout:.0f} s" if killed else f"exit status {proc.returncode}"
-            raise RuntimeError(f"{why}: {cmd}\n{tail}")
-        result = {"wall_s": round(wall, 3), "load_before": round(load, 2)}
-        if gnu_time:
-            user, system, max_kib = usage.read().split()[-3:]
-            result.update(cpu_s=round(float(user) + float(system), 3), peak_rss_mib=round(int(max_kib) / 1024, 1))
-            result["rusage"] = "GNU time"
-        else:
-            cpu = rusage.ru_utime + rusage.ru_stime
-            result.update(cpu_s=round(cpu, 3), peak_rss_mib=round(rusage.ru_maxrss / 1024, 1))  # Linux: KiB
-            result.update(rusage="os.wait4", rss_floor_mib=round(floor, 1))
+            raise RuntimeError(f"exit status {proc.returncode}: {cmd}\n{tail}")
+        fields = usage.read().split()
+    result = {"wall_s": round(wall, 3), "load_before": round(load, 2)}
+    if gnu_time:
+        user, system, max_kib = fields[-3:]
+        result.update(rusage="GNU time")
+    else:
+        user, system, max_kib, floor_kib = fields
+        result.update(rusage="python waiter", rss_floor_mib=round(int(floor_kib) / 1024, 1))
+    result.update(cpu_s=round(float(user) + float(system), 3), peak_rss_mib=round(int(max_kib) / 1024, 1))
     return result
 
 
@@ -217,11 +210,40 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _head_from_files() -> str | None:
+    """HEAD's commit read from .git without the git program (a copied checkout on a bare machine)."""
+    try:
+        head = (REPO / ".git" / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            path = REPO / ".git" / ref
+            if path.is_file():
+                return path.read_text().strip()[:12]
+            for line in (REPO / ".git" / "packed-refs").read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0][:12]
+            return None
+        return head[:12]
+    except OSError:
+        return None
+
+
 def git_state() -> dict:
-    """The commit the code came from, and whether the tracked files differ from it."""
-    commit = _git("rev-parse", "--short=12", "HEAD") or os.environ.get("TLI_GIT_COMMIT")
+    """The commit the code came from (TLI_GIT_COMMIT overrides, for copies without .git), and whether the
+    tracked files differ from it (None when unknown)."""
+    commit = os.environ.get("TLI_GIT_COMMIT") or _git("rev-parse", "--short=12", "HEAD") or _head_from_files()
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (imports included), from /proc; 0 where unknown."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def versions() -> dict:
@@ -264,8 +286,6 @@ def _memory_gib() -> float | None:
 
 def accelerator() -> dict | None:
     """The CUDA device, or None; queried only when torch is already imported (no CUDA init otherwise)."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return None
@@ -325,11 +345,12 @@ def describe_environment(env: dict) -> str:
 class Results:
     """A JSON document rewritten after every section. Keys may be nested paths ("layer/8b/4096")."""
 
-    def __init__(self, path: str | os.PathLike, **meta):
+    def __init__(self, path: str | os.PathLike, *, since_process_start: bool = False, **meta):
+        """since_process_start: `elapsed()` counts from the process's start (imports included)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter() - (process_age_s() if since_process_start else 0.0)
         self.data: dict = {"environment": environment(), **meta}
-        self.started = time.perf_counter()
         self.save()
 
     def get(self, key: str, default=None):

@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 
 def _gpu_models(data: dict) -> dict:
@@ -93,8 +94,11 @@ def plot_conversion(data: dict, path: str) -> str:
         style = dict(marker="o", color=f"C{i}", label=name, linestyle="--" if name == "cp -r" else "-")
         left.plot(x, gbps, **style)
         right.plot(x, rss, **style)
+    ticks = [r["source_bytes"] / 1e9 for r in sizes]
     for ax in (left, right):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ticks, [f"{t:.2f}\n{r['preset']}" for t, r in zip(ticks, sizes)], fontsize=8)
         ax.set_xlabel("source checkpoint size (GB)")
         ax.grid(alpha=0.3, which="both")
     left.set_ylabel("source GB converted per second (median)")

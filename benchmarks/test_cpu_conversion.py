@@ -53,6 +53,6 @@ def test_conversion(benchmark, record, bench_workdir, source, job):
         source_bytes=bc.disk_bytes(source)[0],
         bytes_written=written,
         peak_rss_mib=max(u["peak_rss_mib"] for u in usage),
-        rusage=usage[-1].get("rusage"),
+        usage=usage,
         command=cmd,
     )

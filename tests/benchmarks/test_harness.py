@@ -43,23 +43,28 @@ def test_rotation_sets_overflow_the_cache_within_bounds():
     assert harness.rotation_sets(cache, maximum=16) == 3
 
 
-def test_run_process_reports_wall_cpu_and_peak_rss():
-    # 200 MiB actually touched: the peak RSS must see it
-    cmd = f"{sys.executable} -c \"b = bytearray(b'x' * (200 << 20))\""
-    r = harness.run_process(cmd)
-    assert r["peak_rss_mib"] >= 190
-    assert r["wall_s"] > 0 and r["cpu_s"] >= 0
-    small = harness.run_process("true")
-    assert small["peak_rss_mib"] < 190
+TOUCH_200MIB = f"{sys.executable} -c \"b = bytearray(b'x' * (200 << 20))\""  # 200 MiB actually touched
 
 
-def test_run_process_without_gnu_time_records_the_inherited_floor(monkeypatch):
-    monkeypatch.setattr(harness, "GNU_TIME", "/nonexistent/time")
-    r = harness.run_process("true")
-    assert r["rusage"] == "os.wait4" and r["rss_floor_mib"] > 0
+@pytest.mark.parametrize("gnu_time", [True, False], ids=["gnu-time", "python-waiter"])
+def test_run_process_reports_wall_cpu_and_peak_rss(monkeypatch, gnu_time):
+    if not gnu_time:
+        monkeypatch.setattr(harness, "GNU_TIME", "/nonexistent/time")
+    elif not harness.os.access(harness.GNU_TIME, harness.os.X_OK):
+        pytest.skip("GNU time is not installed")
+    big = harness.run_process(TOUCH_200MIB)
+    assert big["peak_rss_mib"] >= 190 and big["cpu_s"] > 0 and big["wall_s"] > 0
+    small = harness.run_process("true")  # not this (large) test process's RSS: the waiter is small
+    assert small["peak_rss_mib"] < 40
+    assert small["rusage"] == ("GNU time" if gnu_time else "python waiter")
+    if not gnu_time:
+        assert 0 < small["rss_floor_mib"] < 40
 
 
-def test_run_process_errors_name_the_command():
+@pytest.mark.parametrize("gnu_time", [True, False], ids=["gnu-time", "python-waiter"])
+def test_run_process_errors_name_the_command(monkeypatch, gnu_time):
+    if not gnu_time:
+        monkeypatch.setattr(harness, "GNU_TIME", "/nonexistent/time")
     with pytest.raises(RuntimeError, match=r"exit status 3: echo oops >&2; exit 3\noops"):
         harness.run_process("echo oops >&2; exit 3")
     with pytest.raises(RuntimeError, match="timed out"):
@@ -105,3 +110,13 @@ def test_markdown_table_and_ratio_formatting():
     assert harness.fmt_ratio(0.00471) == "0.0047x"
     assert harness.fmt_ratio(None) == "n/a"
     assert harness.ratio(1.0, 0) is None
+
+
+def test_process_age_and_commit_without_git(monkeypatch):
+    assert 0 <= harness.process_age_s() < 24 * 3600
+    monkeypatch.setenv("TLI_GIT_COMMIT", "abc123")
+    assert harness.git_state()["commit"] == "abc123"
+    head = harness._head_from_files()  # .git read directly: what a bare machine without git gets
+    if head is not None:
+        monkeypatch.delenv("TLI_GIT_COMMIT")
+        assert harness.git_state()["commit"].startswith(head[:7])

@@ -119,6 +119,8 @@ def model_sweep(bench: gk.Bench, model: str, args: argparse.Namespace, budget: B
             budget.last[model] = (case.tokens, seconds)
         results.put(f"{key}/seconds", round(seconds, 1))
         results.save()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()  # after an out-of-memory section too: the next cell starts clean
     if liger_calls:
         results.put(f"{base}/liger/rope_patched_calls", len(liger_calls))
     del layers, extra
@@ -189,6 +191,9 @@ def markdown(data: dict) -> str:
             lines += [f"## {model}: skipped ({entry['skipped']})", ""]
             continue
         dims = entry.get("dims", {})
+        if isinstance(entry.get("build"), dict) and "error" in entry["build"]:
+            lines += [f"## {model}: the layer could not be built ({entry['build']['error']})", ""]
+            continue
         lines += [
             f"## {model} decoder layer (hidden {dims.get('hidden')}, intermediate {dims.get('intermediate')}, "
             f"{dims.get('heads')} heads / {dims.get('kv_heads')} KV heads, head_dim {dims.get('head_dim')}); "

@@ -249,3 +249,20 @@ def test_real_process_exit_codes(tmp_path):
     usage = subprocess.run(cmd + ["upscale", src], capture_output=True, text=True, env=env)
     assert usage.returncode == 2
     shutil.rmtree(tmp_path / "d")
+
+
+def test_conversion_path_does_not_import_torch():
+    """`tli upscale` starts fast and small: neither the parser nor the conversion code imports torch."""
+    code = (
+        "import sys; from tli_kernels.cli.main import build_parser; build_parser(); "
+        "import tli_kernels.upscale, tli_kernels.checkpoint.output; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo}
+    )
+    assert proc.returncode == 0, proc.stderr
+    from tli_kernels.training import cli, trainer
+
+    assert cli.TRAIN_CHOICES == trainer.TRAIN_CHOICES

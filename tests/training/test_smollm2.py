@@ -14,8 +14,8 @@ from tli_kernels.training.trainer import TrainConfig, train
 from tli_kernels.upscale import upscale
 
 TINY_STUDY = Preset(
-    seq_len=64, micro_batch=2, accum=1, steps=1, lr=3e-4, warmup=0, eval_every=1, eval_tokens=256, eval_batch=4,
-    grid_ks=(), grid_alphas=(), moe_experts=2, moe_top_k=2,
+    seq_len=64, micro_batch=2, accum=1, steps=1, lr=3e-4, warmup=0, eval_every=1, eval_tokens=128, eval_batch=2,
+    grid_ks=(), grid_alphas=(), moe=((2, 2),),
 )  # fmt: skip
 
 
@@ -41,8 +41,8 @@ def test_training_the_upscaled_model_lowers_heldout_loss(smollm2_dir, tmp_path):
     up = str(tmp_path / "tli")
     upscale(smollm2_dir, up, "tli", options={"k": 2, "init": "copy", "alpha": 0.5})
     cfg = TrainConfig(
-        model=up, output=str(tmp_path / "out"), seq_len=64, micro_batch=2, steps=3, lr=3e-4, warmup=0,
-        eval_every=0, eval_tokens=256, eval_batch=4, train="injected", learnable_alpha=True, progress=False, threads=2,
+        model=up, output=str(tmp_path / "out"), seq_len=32, micro_batch=2, steps=3, lr=3e-4, warmup=0,
+        eval_every=0, eval_tokens=128, eval_batch=4, train="injected", learnable_alpha=True, progress=False, threads=2,
     )  # fmt: skip
     result = train(cfg)
     first, last = result.evals[0]["heldout_loss"], result.evals[-1]["heldout_loss"]

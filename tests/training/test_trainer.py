@@ -117,11 +117,15 @@ def test_cli(token_files, tiny_tli, tiny_source, tmp_path, capsys):
 def test_kernels_path_follows_the_stock_path(cfg, tmp_path):
     """With --kernels alpha lives in the patched layers instead of hooks; same curve, same checkpoint."""
     pytest.importorskip("tli_kernels.integrations.hf", reason="the tli kernels are not in this checkout")
-    stock = train(cfg(steps=3, learnable_alpha=True, output=str(tmp_path / "stock")))
-    kernels = train(cfg(steps=3, learnable_alpha=True, output=str(tmp_path / "kernels"), kernels=True))
+    # Short and with little evaluation: the kernels run in Triton's interpreter on a CPU.
+    small = dict(steps=3, accum=1, eval_every=0, eval_tokens=64, learnable_alpha=True)
+    stock = train(cfg(**small, output=str(tmp_path / "stock")))
+    kernels = train(cfg(**small, output=str(tmp_path / "kernels"), kernels=True))
     assert [h["loss"] for h in kernels.history] == pytest.approx([h["loss"] for h in stock.history], abs=1e-4)
     assert kernels.alphas == pytest.approx(stock.alphas, abs=1e-4)
     a, b = _weights(stock.checkpoint), _weights(kernels.checkpoint)
     assert a.keys() == b.keys()
+    # Adam divides by the root of the squared gradient, so an element whose gradient is ~0 can move
+    # by a sizeable fraction of lr (3e-3) on float32 noise alone; 1e-4 is 1/30 of one such step.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)

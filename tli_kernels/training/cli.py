@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from tli_kernels.training.trainer import TRAIN_CHOICES, TrainConfig
+# The trainer imports torch; the parser must not (it is built for every `tli` command, and
+# `tli upscale` should start in a fraction of a second with a small footprint).
+TRAIN_CHOICES = ("all", "injected")  # the same as trainer.TRAIN_CHOICES (checked by a test)
 
 TRAIN_DESCRIPTION = """\
 Continued pretraining of a (typically upscaled) model. Data: --text FILE, --data FILE.npy|.pt of token
@@ -30,33 +32,47 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", dest="data_file", metavar="FILE", help="training token ids, a 1-D .npy or .pt")
     d.add_argument("--eval-text", dest="eval_text_file", metavar="FILE", help="held-out text")
     d.add_argument("--eval-data", dest="eval_data_file", metavar="FILE", help="held-out token ids (.npy / .pt)")
-    d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    d.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    d.add_argument("--seq-len", type=int, metavar="N", default=256, help="tokens per window (default 256)")
+    d.add_argument("--seed", type=int, metavar="N", default=0, help="data order seed (default 0)")
     o = t.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    o.add_argument("--micro-batch", type=int, default=4, help="windows per forward per process (default 4)")
-    o.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps (default 1)")
-    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    o.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default 0.1)")
-    o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    o.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 for none (default 1)")
+    o.add_argument("--steps", type=int, metavar="N", default=100, help="optimizer steps (default 100)")
+    o.add_argument(
+        "--micro-batch", type=int, metavar="N", default=4, help="windows per forward per process (default 4)"
+    )
+    o.add_argument("--accum", type=int, metavar="N", default=1, help="gradient accumulation micro-steps (default 1)")
+    o.add_argument("--lr", type=float, metavar="X", default=1e-4, help="peak learning rate (default 1e-4)")
+    o.add_argument("--warmup", type=int, metavar="N", default=10, help="linear warm-up steps (default 10)")
+    o.add_argument(
+        "--min-lr-ratio", type=float, metavar="X", default=0.1, help="cosine floor as a fraction of --lr (default 0.1)"
+    )
+    o.add_argument(
+        "--weight-decay", type=float, metavar="X", default=0.1, help="AdamW weight decay on matrices (default 0.1)"
+    )
+    o.add_argument(
+        "--max-grad-norm", type=float, metavar="X", default=1.0, help="gradient clipping, 0 for none (default 1)"
+    )
     o.add_argument(
         "--train", choices=TRAIN_CHOICES, default="all", help="all layers, or only the injected ones (LLaMA Pro style)"
     )
     o.add_argument("--learnable-alpha", action="store_true", help="learn a residual scale per injected layer")
-    o.add_argument("--alpha-lr", type=float, help="learning rate of the residual scales (default 100 x --lr)")
+    o.add_argument(
+        "--alpha-lr", type=float, metavar="X", help="learning rate of the residual scales (default 100 x --lr)"
+    )
     r = t.add_argument_group("evaluation and checkpoints")
-    r.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50; 0: ends)")
-    r.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored (default 8192)")
-    r.add_argument("--eval-batch", type=int, default=8, help="windows per held-out forward (default 8)")
-    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
+    r.add_argument(
+        "--eval-every", type=int, metavar="N", default=50, help="held-out loss every N steps (default 50; 0: ends)"
+    )
+    r.add_argument("--eval-tokens", type=int, metavar="N", default=8192, help="held-out tokens scored (default 8192)")
+    r.add_argument("--eval-batch", type=int, metavar="N", default=8, help="windows per held-out forward (default 8)")
+    r.add_argument(
+        "--save-every", type=int, metavar="N", default=0, help="checkpoint every N steps (default: at the end only)"
+    )
     r.add_argument("--stop-after", type=int, metavar="STEP", help="stop (and save) after STEP; finish with --resume")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     h = t.add_argument_group("hardware")
     h.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     h.add_argument("--kernels", action="store_true", help="use the tli Triton kernels (GPU)")
-    h.add_argument("--threads", type=int, help="CPU threads for torch")
+    h.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(handler=cmd_train)
 
@@ -71,8 +87,9 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="docs", help="where the table, JSON and plot go (default docs)")
     s.add_argument("--source", help="source model folder (default: the built-in SmolLM2-135M in WORKDIR)")
     s.add_argument("--runs", help="comma-separated run names to do (default: all of the preset)")
-    s.add_argument("--steps", type=int, help="override the preset's training steps")
-    s.add_argument("--threads", type=int, help="CPU threads for torch")
+    s.add_argument("--steps", type=int, metavar="N", help="override the preset's training steps")
+    s.add_argument("--lr", type=float, metavar="X", help="override the preset's peak learning rate")
+    s.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--kernels", action="store_true", help="train with the tli Triton kernels (GPU)")
     s.add_argument("--initial-only", action="store_true", help="only the step-0 losses, no training")
@@ -81,7 +98,7 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tli_kernels.training.trainer import train
+    from tli_kernels.training.trainer import TrainConfig, train
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -103,7 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace, command: str | None = None) -> int:
+def cmd_study(
+    args: argparse.Namespace, command: str | None = None, environment: dict | None = None, environment_text: str = ""
+) -> int:
     import logging
     import shlex
     import sys
@@ -118,12 +137,15 @@ def cmd_study(args: argparse.Namespace, command: str | None = None) -> int:
         source=args.source,
         runs=args.runs.split(",") if args.runs else None,
         steps=args.steps,
+        lr=args.lr,
         threads=args.threads,
         device=args.device,
         kernels=args.kernels,
         initial_only=args.initial_only,
         keep_models=args.keep_models,
         command=command or "tli " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        environment=environment,
+        environment_text=environment_text or None,
     )
     print(f"wrote {args.out}/quality_results.md, .json and plots ({len(doc['trained_order'])} trained runs)")
     return 0

@@ -27,6 +27,7 @@ def markdown(doc: dict) -> str:
         f"Machine: {m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']})"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['date']}.  ",
+        *([doc["environment_text"] + "  "] if doc.get("environment_text") else []),
         f"Source: SmolLM2-135M (`{os.path.basename(doc['source'])}`). Training: the King James train split, "
         f"{p['steps']} AdamW steps of {tokens_per_step} tokens ({p['micro_batch'] * p['accum']} windows of "
         f"{p['seq_len']}), {p['steps'] * tokens_per_step:,} tokens in all, the same windows in the same order for "
@@ -62,6 +63,7 @@ def markdown(doc: dict) -> str:
         for name in order:
             evals = {e["step"]: e["heldout_loss"] for e in runs[name]["trained"]["evals"]}
             lines.append(f"| {name} | " + " | ".join(_fmt(evals.get(s)) for s in steps) + " |")
+        lines += _seed_table(runs, order, p)
         learnt = [(n, runs[n]["trained"]["alphas"]) for n in order if runs[n]["trained"].get("alphas")]
         for name, alphas in learnt:
             base = _base_alpha(runs[name])
@@ -71,6 +73,36 @@ def markdown(doc: dict) -> str:
 
     lines += _initial_tables(doc)
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(runs: dict, order: list[str], p: dict) -> list[str]:
+    """Runs repeated with other data orders: final loss per seed, the mean, and the gap to the source."""
+    seeds: dict[str, dict[int, float]] = {}
+    for name in order:
+        base, _, seed = name.partition("-seed")
+        if seed.isdigit():
+            seeds.setdefault(base, {})[int(seed)] = runs[name]["trained"]["evals"][-1]["heldout_loss"]
+    for base in seeds:
+        if base in runs and runs[base].get("trained"):
+            seeds[base][p.get("seed", 0)] = runs[base]["trained"]["evals"][-1]["heldout_loss"]
+    if not seeds:
+        return []
+    all_seeds = sorted({s for v in seeds.values() for s in v})
+    lines = [
+        "",
+        f"Repeated with other data orders (held-out loss at step {p['steps']}; the gap is to the source model "
+        "trained on the same data order):",
+        "",
+        "| run | " + " | ".join(f"seed {s}" for s in all_seeds) + " | mean | gap to source, per seed |",
+        "|---|" + "--:|" * (len(all_seeds) + 2),
+    ]
+    source = seeds.get("source", {})
+    for base, per_seed in seeds.items():
+        cells = [_fmt(per_seed.get(s)) for s in all_seeds]
+        mean = sum(per_seed.values()) / len(per_seed)
+        gaps = ", ".join(f"{per_seed[s] - source[s]:+.4f}" for s in all_seeds if s in per_seed and s in source)
+        lines.append(f"| {base} | " + " | ".join(cells) + f" | {mean:.4f} | {gaps if base != 'source' else '–'} |")
+    return lines
 
 
 def _base_alpha(run: dict) -> float:
@@ -100,7 +132,7 @@ def _initial_tables(doc: dict) -> list[str]:
         if zero:
             lines.append("| zero | " + " | ".join(_fmt(zero["initial_loss"]) for _ in alphas) + " |")
         lines.append("")
-    others = [r for r in doc["runs"] if r["name"] != "source" and not r["name"].startswith("tli-")]
+    others = [r for r in doc["runs"] if not r["name"].startswith(("source", "tli-"))]
     if others:
         lines += [
             "Other methods at step 0:",
@@ -130,7 +162,7 @@ def plots(doc: dict, out: str) -> list[str]:
     runs = _runs(doc)
     p = doc["preset"]
     written = []
-    order = doc.get("trained_order") or []
+    order = [n for n in doc.get("trained_order") or [] if "-seed" not in n]  # repeats would only clutter it
     if order:
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         cmap = plt.get_cmap("tab20")
@@ -139,11 +171,9 @@ def plots(doc: dict, out: str) -> list[str]:
                 evals = runs[name]["trained"]["evals"]
                 xs = [e["step"] for e in evals]
                 ys = [e["heldout_loss"] for e in evals]
-                style = (
-                    {"color": "black", "linestyle": "--", "linewidth": 2}
-                    if name == "source"
-                    else {"color": cmap(j % 20)}
-                )
+                style = {"color": cmap(j % 20)}
+                if name.startswith("source"):
+                    style = {"color": "black" if name == "source" else "gray", "linestyle": "--", "linewidth": 2}
                 ax.plot(xs, ys, marker="o", markersize=3, label=name, **style)
             ax.set_xlabel(f"training step ({p['seq_len'] * p['micro_batch'] * p['accum']} tokens each)")
             ax.set_ylabel("held-out loss (nats/token)")

@@ -44,6 +44,8 @@ class Variant:
     learnable_alpha: bool = False
     train: str = "all"  # all | injected
     identity: bool = False  # must equal the source at step 0
+    lr: float | None = None  # None: the preset's
+    seed: int | None = None  # data order; None: the preset's
 
     def describe(self) -> str:
         if self.method is None:
@@ -56,6 +58,10 @@ class Variant:
             text += ", learnable alpha"
         if self.train != "all":
             text += f", train {self.train} only"
+        if self.lr is not None:
+            text += f", lr {self.lr:.2g}"
+        if self.seed is not None:
+            text += f", data seed {self.seed}"
         return text
 
 
@@ -77,30 +83,45 @@ class Preset:
     eval_batch: int
     grid_ks: tuple[int, ...]
     grid_alphas: tuple[float, ...]
-    moe_experts: int
-    moe_top_k: int
+    moe: tuple[tuple[int, int], ...]  # (experts, top-k) of each MoE-upcycling run
     min_lr_ratio: float = 0.1
     seed: int = 0
+    extra_seeds: tuple[int, ...] = ()
+    source_lr_factors: tuple[float, ...] = (3.0, 1 / 3)
 
     def train_variants(self, num_layers: int) -> list[Variant]:
+        runs = self._train_variants(num_layers)
+        # A second data order for the runs the defaults hinge on, to see how much of a gap is noise.
+        again = ("source", "block-expansion-k2", "block-expansion-k2-injected", "tli-k2-copy-a0.1-learn",
+                 "tli-k2-copy-a0.1-injected")  # fmt: skip
+        return runs + [
+            dataclasses.replace(v, name=f"{v.name}-seed{s}", seed=s)
+            for s in self.extra_seeds
+            for v in runs
+            if v.name in again
+        ]
+
+    def _train_variants(self, num_layers: int) -> list[Variant]:
         m = max(1, num_layers // 4)
+        learn = {"learnable_alpha": True}
+        injected = {"train": "injected"}
         return [
             Variant("source", None),
+            # The learning rate check: is the preset's lr a fair one for the baseline everything must beat?
+            *(Variant(f"source-lr{self.lr * f:.2g}", None, lr=self.lr * f) for f in self.source_lr_factors),
             tli(2, "copy", 1.0),
-            tli(2, "copy", 0.5),
             tli(2, "copy", 0.1),
-            Variant("tli-k2-copy-a0.1-learn", "tli", {"k": 2, "init": "copy", "alpha": 0.1}, learnable_alpha=True),
+            Variant("tli-k2-copy-a0.1-learn", "tli", {"k": 2, "init": "copy", "alpha": 0.1}, **learn),
             tli(2, "average", 0.1),
             tli(2, "random", 1.0),
             Variant("block-expansion-k2", "block-expansion", {"k": 2}, identity=True),
-            Variant("block-expansion-k2-injected", "block-expansion", {"k": 2}, train="injected", identity=True),
+            Variant("block-expansion-k2-injected", "block-expansion", {"k": 2}, identity=True, **injected),
+            Variant("tli-k2-copy-a0.1-injected", "tli", {"k": 2, "init": "copy", "alpha": 0.1}, **injected),
             Variant(f"dus-m{m}", "dus", {"m": m}),
             Variant("stack-x2", "stack", {"times": 2}),
-            Variant(
-                f"moe-e{self.moe_experts}-top{self.moe_top_k}",
-                "moe-upcycle",
-                {"experts": self.moe_experts, "top_k": self.moe_top_k},
-                identity=True,
+            *(
+                Variant(f"moe-e{e}-top{k}", "moe-upcycle", {"experts": e, "top_k": k}, identity=True)
+                for e, k in self.moe
             ),
         ]
 
@@ -114,18 +135,25 @@ class Preset:
 
 
 PRESETS = {
-    # ~1 hour on 2 shared CPU cores: 512 tokens per step, 40 steps (20k tokens), 4096 held-out tokens.
+    # 512 tokens per step, 40 steps (20k tokens), 4096 held-out tokens: about 7 s a step and 2.5 hours in
+    # all on 2 shared CPU cores. lr 1e-4: of 3e-5, 1e-4 and 3e-4 the best for the source model.
     "cpu": Preset(
-        seq_len=128, micro_batch=4, accum=1, steps=40, lr=3e-4, warmup=4, eval_every=10, eval_tokens=4096,
-        eval_batch=8, grid_ks=(1, 2, 3), grid_alphas=(1.0, 0.5, 0.25, 0.1), moe_experts=2, moe_top_k=2,
+        seq_len=128, micro_batch=4, accum=1, steps=40, lr=1e-4, warmup=4, eval_every=10, eval_tokens=4096,
+        eval_batch=8, grid_ks=(1, 2, 3), grid_alphas=(1.0, 0.5, 0.25, 0.1), moe=((2, 2), (4, 2)), extra_seeds=(1,),
     ),
     # One GPU (H100 class), kernels on: 8k tokens per step, 250 steps = 2M tokens (about two passes over
     # the 1M-token train split), the whole held-out split (52k tokens).
     "gpu": Preset(
         seq_len=512, micro_batch=16, accum=1, steps=250, lr=3e-4, warmup=25, eval_every=25, eval_tokens=65536,
-        eval_batch=16, grid_ks=(1, 2, 3, 5), grid_alphas=(1.0, 0.5, 0.25, 0.1, 0.05), moe_experts=2, moe_top_k=2,
+        eval_batch=16, grid_ks=(1, 2, 3, 5), grid_alphas=(1.0, 0.5, 0.25, 0.1, 0.05),
+        moe=((2, 2), (8, 2)), extra_seeds=(1, 2),
     ),
 }  # fmt: skip
+
+
+def _variant_key(v: Variant) -> dict:
+    # Fields left at None stay out of the cache key, so adding such a field keeps earlier results valid.
+    return {k: val for k, val in dataclasses.asdict(v).items() if val is not None or k not in ("lr", "seed")}
 
 
 def _digest(data) -> str:
@@ -196,7 +224,7 @@ class Study:
 
     # ---------------------------------------------------------------------------- step 0
     def initial(self, v: Variant) -> dict:
-        key = {"kind": "initial", "variant": dataclasses.asdict(v), "seq_len": self.preset.seq_len,
+        key = {"kind": "initial", "variant": _variant_key(v), "seq_len": self.preset.seq_len,
                "eval_tokens": self.preset.eval_tokens, "source": os.path.abspath(self.source)}  # fmt: skip
         cache = os.path.join(self.results_dir, f"initial-{v.name}.json")
         cached = read_json(cache)
@@ -230,13 +258,14 @@ class Study:
         p = self.preset
         cfg = TrainConfig(
             model="",
-            seq_len=p.seq_len, micro_batch=p.micro_batch, accum=p.accum, steps=steps, lr=p.lr, warmup=p.warmup,
+            seq_len=p.seq_len, micro_batch=p.micro_batch, accum=p.accum, steps=steps, lr=v.lr or p.lr, warmup=p.warmup,
             min_lr_ratio=p.min_lr_ratio, eval_every=p.eval_every, eval_tokens=p.eval_tokens, eval_batch=p.eval_batch,
-            train=v.train, learnable_alpha=v.learnable_alpha, seed=p.seed, kernels=self.kernels, device=self.device,
+            train=v.train, learnable_alpha=v.learnable_alpha, seed=p.seed if v.seed is None else v.seed,
+            kernels=self.kernels, device=self.device,
             threads=self.threads, progress=sys.stderr.isatty(),
         )  # fmt: skip
         settings = {k: val for k, val in dataclasses.asdict(cfg).items() if k not in ("progress", "threads")}
-        key = {"kind": "trained", "variant": dataclasses.asdict(v), "config": settings,
+        key = {"kind": "trained", "variant": _variant_key(v), "config": settings,
                "source": os.path.abspath(self.source)}  # fmt: skip
         cache = os.path.join(self.results_dir, f"trained-{v.name}.json")
         cached = read_json(cache)
@@ -267,12 +296,15 @@ def run_study(
     source: str | None = None,
     runs: list[str] | None = None,
     steps: int | None = None,
+    lr: float | None = None,
     threads: int | None = None,
     device: str = "auto",
     kernels: bool = False,
     initial_only: bool = False,
     keep_models: bool = False,
     command: str | None = None,
+    environment: dict | None = None,
+    environment_text: str | None = None,
 ) -> dict:
     """Run (or continue) the study and write its table, JSON and plots; returns the JSON document."""
     if isinstance(preset, Preset):
@@ -283,6 +315,8 @@ def run_study(
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if steps is not None:
         p = dataclasses.replace(p, steps=steps)
+    if lr is not None:
+        p = dataclasses.replace(p, lr=lr)
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(workdir, exist_ok=True)
@@ -336,6 +370,8 @@ def run_study(
         "preset_name": preset,
         "preset": dataclasses.asdict(p),
         "machine": machine_description(threads, device),
+        "environment": environment,  # benchmarks/harness.py's record (git commit, load) when run from there
+        "environment_text": environment_text,
         "source": os.path.abspath(source),
         "identity_tolerance": IDENTITY_TOLERANCE,
         "runs": [

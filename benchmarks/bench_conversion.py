@@ -1,7 +1,7 @@
-"""Conversion benchmark: `tli upscale --method tli --k 2` against `cp -r` of the source, mergekit's
-passthrough with the same layer slices, and transformers' load -> edit -> save_pretrained, on dense
-checkpoints of several sizes (SmolLM2-135M-, Llama-3.2-1B-, -3B-shaped; -8B with cp and tli only);
-then a sparse Llama-3.1-405B-shaped one.
+"""Conversion benchmark: `tli upscale --method tli --k 2 --init copy` (the copying job, as mergekit
+and transformers do it) against `cp -r` of the source, mergekit's passthrough with the same layer
+slices, and transformers' load -> edit -> save_pretrained, on dense checkpoints of several sizes
+(SmolLM2-135M-, Llama-3.2-1B-, -3B-shaped; -8B with cp and tli only); then a sparse Llama-3.1-405B-shaped one.
 
 Every job is a shell command timed to "finished and on disk" (`CMD && sync`) by
 benchmarks/harness.py's `run_process` (os.wait4: wall clock, CPU time, peak RSS of the process tree,
@@ -146,8 +146,8 @@ def write_source(workdir: str, size: str) -> tuple[str, int]:
 def tli_commands(src: str, out: str) -> dict:
     """The tli jobs: the command line (native engine), the library call, the Python engine."""
     q = shlex.quote
-    call = f"from tli_kernels.upscale import upscale; upscale({src!r}, {out!r}, 'tli', options=dict(k=2)"
-    cli = " ".join(map(q, [*TLI, "upscale", src, out, "--method", "tli", "--k", "2", "--quiet"]))
+    call = f"from tli_kernels.upscale import upscale; upscale({src!r}, {out!r}, 'tli', options=dict(k=2, init='copy')"
+    cli = " ".join(map(q, [*TLI, "upscale", src, out, "--method", "tli", "--k", "2", "--init", "copy", "--quiet"]))
     return {
         "tli (native)": cli,
         "tli library call (no CLI)": f"{q(sys.executable)} -c {q(call + ')')}",
@@ -225,7 +225,9 @@ def sparse_405b(args) -> dict:
         shutil.rmtree(src, ignore_errors=True)
         write_preset(src, "llama-3.1-405b", fill="sparse")
     clean(out)
-    cmd = " ".join(map(shlex.quote, [*TLI, "upscale", src, out, "--method", "tli", "--k", "2", "--quiet"]))
+    cmd = " ".join(
+        map(shlex.quote, [*TLI, "upscale", src, out, "--method", "tli", "--k", "2", "--init", "copy", "--quiet"])
+    )
     run = timed(cmd)
     apparent, allocated = disk_bytes(out)
     layout = CheckpointLayout.open(out)  # our reader: headers, index, config all consistent

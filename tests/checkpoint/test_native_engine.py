@@ -211,12 +211,16 @@ def test_memory_plan_respects_budget():
 
 
 def test_upscale_defaults_to_native_and_dry_run_reports_bytes(tmp_path, sources):
-    result = upscale(sources["bf16"], str(tmp_path / "out"), "tli", options=dict(k=2), dry_run=True)
+    result = upscale(sources["bf16"], str(tmp_path / "out"), "tli", options=dict(k=2, init="copy"), dry_run=True)
     assert result.engine == "native" and not os.path.exists(tmp_path / "out")
     layout = CheckpointLayout.open(sources["bf16"])
     injected = sum(t.nbytes for t in result.plan.tensors() if t.op.src) - layout.total_bytes
     assert result.bytes_to_read == layout.total_bytes + injected
     assert result.bytes_to_write == sum(s.file_size for s in result.plan.shards)
+    # the default init (zero) writes the zeroed projections as holes: they cost no disk
+    zero = upscale(sources["bf16"], str(tmp_path / "out"), "tli", options=dict(k=2), dry_run=True)
+    holes = sum(t.nbytes for t in zero.plan.tensors() if t.op.kind == "zeros")
+    assert holes > 0 and zero.bytes_to_write == sum(s.file_size for s in zero.plan.shards) - holes
     done = upscale(sources["bf16"], str(tmp_path / "out"), "tli", options=dict(k=2), engine="native")
     assert done.finished and done.engine == "native"
     assert not os.path.exists(tmp_path / "out" / ".tli-shards")

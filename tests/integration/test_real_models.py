@@ -79,7 +79,7 @@ def test_llama_3_2_1b_layout_in_shards(tmp_path):
                 f.seek(t.offset)
                 f.write((rng.standard_normal(t.nbytes // 2).astype(np.float32) * 0.02).astype(np.float16).tobytes())
     dst = str(tmp_path / "dst")
-    result = upscale(src, dst, "tli", common=CommonOptions(shard_size=1_000_000_000), options=dict(k=2))
+    result = upscale(src, dst, "tli", common=CommonOptions(shard_size=1_000_000_000), options=dict(k=2, init="copy"))
     assert len(result.plan.shards) == 4
     cfg = AutoConfig.from_pretrained(dst)
     assert cfg.num_hidden_layers == 24 and cfg.tie_word_embeddings

@@ -206,7 +206,7 @@ def test_per_layer_config_entries_follow_the_layers(tmp_path):
 def test_dtype_option_casts_floats_and_rewrites_config(tmp_path):
     src = save_tiny_llama(str(tmp_path / "src"), layers=2)
     dst = str(tmp_path / "dst")
-    upscale(src, dst, "tli", common=CommonOptions(dtype="fp32"), options=dict(k=1, alpha=0.5))
+    upscale(src, dst, "tli", common=CommonOptions(dtype="fp32"), options=dict(k=1, init="copy", alpha=0.5))
     s, d = read_all(src), read_all(dst)
     assert all(t.dtype == torch.float32 for t in d.values())
     assert torch.equal(d["model.embed_tokens.weight"], s["model.embed_tokens.weight"].float())

@@ -39,7 +39,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         "--init",
         choices=["copy", "average", "zero", "random"],
         help="tli: weights of the injected layer: copy the layer before it, average its two neighbours, "
-        "zero its output projections (identity), or random (default copy)",
+        "copy with zeroed output projections (identity), or random (default zero: measured best, see README)",
     )
     g.add_argument("--alpha", type=float, help="tli: scale of the injected layer's residual branches (default 1)")
     g.add_argument("--m", type=int, help="dus: layers [0, N-m) then [m, N) (default N/4)")

@@ -772,7 +772,8 @@ void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, u
   if (reads) {
     for (const SourceRef& r : t.sources) check_source(r.file, t.name);
     // Zero in gives +0 out unless a negative factor turns it into -0: then a source hole may stay one.
-    const bool zero_stays_zero = t.op == OpKind::Cast || (std::isfinite(t.factor) && !std::signbit(t.factor));
+    const bool zero_stays_zero =
+        t.op == OpKind::Cast || (std::isfinite(t.factor) && !std::signbit(t.factor) && t.value == 0.0);
     if (job_.options.sparse && zero_stays_zero && all_holes(t, first, n)) return;
   }
   switch (t.op) {
@@ -793,16 +794,20 @@ void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, u
           widen_add(raw, r.dtype, acc, n);
         }
       }
+      // Scale (and a scaled average): acc * f, or (acc + o) * f - o for a norm stored as scale - o.
+      auto scale = [&](float f, float o) {
+        if (o == 0.0f) {
+          for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] * f;
+        } else {
+          for (uint64_t k = 0; k < n; ++k) acc[k] = (acc[k] + o) * f - o;
+        }
+      };
       if (t.op == OpKind::Scale) {
-        const float f = float(t.factor);
-        for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] * f;
+        scale(float(t.factor), float(t.value));
       } else if (t.op == OpKind::Average) {
         const float count = float(t.sources.size());
         for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] / count;
-        if (t.factor != 1.0) {
-          const float f = float(t.factor);
-          for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] * f;
-        }
+        if (t.factor != 1.0) scale(float(t.factor), float(t.value));
       }
     }
   }

@@ -42,7 +42,7 @@ struct TensorTask {
   DType dtype;          // output dtype (OTHER: only ByteCopy and Zeros)
   OpKind op;
   double factor = 1.0;  // scale / average
-  double value = 0.0;   // fill
+  double value = 0.0;   // fill; for scale / average: the offset o of (x + o) * factor - o
   uint64_t seed = 0;    // uniform
   double bound = 0.0;   // uniform
   std::vector<SourceRef> sources;

@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
 
 from tests.helpers import save_tiny_llama
 
+# Verdicts of generic architecture rules are cached per user; the tests keep their own cache.
+if "TLI_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="tli-test-cache-")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2_DIR = os.environ.get("TLI_SMOLLM2_DIR", os.path.join(REPO, ".cache", "smollm2-135m"))
 

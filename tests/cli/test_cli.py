@@ -148,11 +148,11 @@ BAD_SOURCES = {
     "index names missing tensor": (_index_missing_tensor, "model.layers.0.mlp.extra.weight"),
     "index names missing file": (_index_missing_file, "model-00009-of-00009.safetensors"),
     "unsupported architecture": (
-        lambda s: _set_config(s, model_type="gpt2", architectures=["GPT2LMHeadModel"]),
-        "unsupported architecture model_type='gpt2'",
+        lambda s: _set_config(s, model_type="made_up_lm", architectures=["MadeUpForCausalLM"]),
+        "unsupported architecture model_type='made_up_lm'",
     ),
     "quantized": (lambda s: _set_config(s, quantization_config={"quant_method": "bitsandbytes"}), "quantized"),
-    "layer count lies": (lambda s: _set_config(s, num_hidden_layers=3), "num_hidden_layers=3"),
+    "layer count lies": (lambda s: _set_config(s, num_hidden_layers=3), "num_hidden_layers is 3"),
     "pickle only": (_pickle_only, "pickle"),
     "no config": (lambda s: os.unlink(os.path.join(s, "config.json")), "missing config.json"),
 }

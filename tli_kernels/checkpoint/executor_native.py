@@ -157,7 +157,7 @@ def build_job(
                     _dtype_code(t.dtype),
                     _OP_CODES[kind],
                     float(op.factor),
-                    float(op.value),
+                    float(op.offset if kind in ("scale", "average") else op.value),  # csrc: value = offset there
                     int(op.seed),
                     float(op.bound),
                     [(file_index[s.file], s.offset, _dtype_code(s.dtype)) for s in srcs],

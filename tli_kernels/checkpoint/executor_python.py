@@ -112,14 +112,22 @@ def _compute_f32(t: OutTensor, srcs: list[TensorEntry], start: int, k: int, sour
         return uniform_f32(op.seed, op.bound, start, k)
     x = sources.read_f32(srcs[0], start, k)
     if op.kind == "scale":
-        return x * np.float32(op.factor)
+        return _scaled(x, op)
     if op.kind == "average":
         for s in srcs[1:]:
             x = x + sources.read_f32(s, start, k)
         x = x / np.float32(len(srcs))
-        return x * np.float32(op.factor) if op.factor != 1.0 else x
+        return _scaled(x, op) if op.factor != 1.0 else x
     assert op.kind == "copy", op.kind
     return x
+
+
+def _scaled(x: np.ndarray, op) -> np.ndarray:
+    """x * factor, or (x + offset) * factor - offset for a norm stored as (scale - offset)."""
+    if op.offset:
+        off = np.float32(op.offset)
+        return (x + off) * np.float32(op.factor) - off
+    return x * np.float32(op.factor)
 
 
 # ---- numerics shared with the native engine's spec ----------------------------------------------

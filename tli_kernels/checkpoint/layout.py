@@ -11,9 +11,10 @@ import glob
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
+from tli_kernels.architectures.spec import Architecture
+from tli_kernels.architectures.structure import DecoderStructure
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.safetensors_format import FileHeader, TensorEntry, read_header
 
@@ -23,29 +24,6 @@ CONFIG_NAME = "config.json"
 PROVENANCE_NAME = "tli_provenance.json"
 INCOMPLETE_MARKER = ".tli-incomplete.json"
 
-# Decoder blocks with the Llama residual structure: x + Attn(norm(x)), then + MLP(norm(.)).
-# Scaling o_proj/down_proj scales exactly one residual branch only in such pre-norm blocks.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LAYER_PATTERN = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-REQUIRED_LAYER_TENSORS = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-# The last linear map of each residual branch: zeroing these makes the block an identity map,
-# scaling them by α scales the branch by α.
-BRANCH_OUTPUT_TENSORS = (
-    "self_attn.o_proj.weight",
-    "self_attn.o_proj.bias",
-    "mlp.down_proj.weight",
-    "mlp.down_proj.bias",
-)
 # Files that travel with a model folder and are copied unchanged to the output.
 SIDE_FILES = (
     "generation_config.json",
@@ -97,83 +75,48 @@ class CheckpointLayout:
     # ---- decoder structure ----------------------------------------------------------------
     @property
     def model_type(self) -> str:
-        return str(self.config.get("model_type", ""))
-
-    @property
-    def num_layers(self) -> int:
-        n = self.config.get("num_hidden_layers")
-        if not isinstance(n, int) or n < 1:
-            raise CheckpointError(f"num_hidden_layers is {n!r}, not a positive integer", self.config_path)
-        return n
+        value = self.config.get("model_type", "")
+        return value if isinstance(value, str) else ""
 
     @property
     def config_path(self) -> str:
         return os.path.join(self.path, CONFIG_NAME)
 
+    @property
+    def architecture(self) -> Architecture:
+        """The architecture entry (or proven generic rule) this checkpoint's layers follow."""
+        return self._structure().architecture
+
+    @property
+    def layer_prefix(self) -> str:
+        """Tensor-name prefix of the decoder layers: layer i's tensors are `{prefix}.{i}.*`."""
+        return self._structure().prefix
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._structure().layers)
+
     def layer_tensors(self, layer: int) -> dict[str, TensorEntry]:
         """suffix -> tensor for decoder layer `layer` (suffix e.g. 'self_attn.q_proj.weight')."""
-        return self._layers()[layer]
+        return self._structure().layers[layer]
+
+    def layer_name(self, layer: int, suffix: str) -> str:
+        return f"{self.layer_prefix}.{layer}.{suffix}"
 
     def non_layer_tensors(self) -> list[TensorEntry]:
-        return [t for n, t in self.tensors.items() if not LAYER_PATTERN.match(n)]
+        layered = self._structure().layer_names
+        return [t for n, t in self.tensors.items() if n not in layered]
 
-    def _layers(self) -> list[dict[str, TensorEntry]]:
-        cached = getattr(self, "_layer_cache", None)
+    def _structure(self) -> DecoderStructure:
+        cached = self.__dict__.get("_decoder")
         if cached is None:
-            cached = [dict() for _ in range(self.num_layers)]
-            for name, t in self.tensors.items():
-                m = LAYER_PATTERN.match(name)
-                if m:
-                    i = int(m.group(1))
-                    if i >= len(cached):
-                        raise CheckpointError(
-                            f"layer index {i} but config.json says num_hidden_layers={len(cached)}",
-                            t.file,
-                            name,
-                        )
-                    cached[i][m.group(2)] = t
-            self._layer_cache = cached
+            cached = DecoderStructure.find(self)
+            self.__dict__["_decoder"] = cached
         return cached
 
     def check_decoder(self) -> None:
-        """Raise unless this is a Llama-family decoder whose layers all have the same tensors."""
-        if self.config.get("quantization_config"):
-            method = self.config["quantization_config"].get("quant_method", "?")
-            raise CheckpointError(
-                f"quantized checkpoints ({method}) are not supported: upscale the unquantized model",
-                self.config_path,
-            )
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(
-                f"unsupported architecture model_type={self.model_type!r} "
-                f"({', '.join(self.config.get('architectures') or [])}): tli needs a pre-norm "
-                f"Llama-family decoder, one of {', '.join(SUPPORTED_MODEL_TYPES)}",
-                self.config_path,
-            )
-        layers = self._layers()
-        first = layers[0]
-        missing = [s for s in REQUIRED_LAYER_TENSORS if s not in first]
-        if missing:
-            raise CheckpointError(
-                f"decoder layer 0 lacks {', '.join('model.layers.0.' + s for s in missing)}; not a Llama-style block",
-                self.path,
-            )
-        for i, layer in enumerate(layers[1:], start=1):
-            if layer.keys() != first.keys():
-                diff = sorted(set(first) ^ set(layer))
-                raise CheckpointError(
-                    f"layer {i} has different tensors than layer 0 (e.g. {diff[0]!r})",
-                    self.path,
-                    f"model.layers.{i}.{diff[0]}",
-                )
-            for suffix, t in layer.items():
-                t0 = first[suffix]
-                if (t.dtype, t.shape) != (t0.dtype, t0.shape):
-                    raise CheckpointError(
-                        f"{t.dtype}{list(t.shape)} differs from layer 0's {t0.dtype}{list(t0.shape)}",
-                        t.file,
-                        t.name,
-                    )
+        """Raise unless the layers follow a known (or proven) architecture, tensor for tensor."""
+        self._structure().check(self)
 
     # ---- identity, for provenance and resume -----------------------------------------------
     def identity(self) -> dict:

@@ -7,9 +7,10 @@ through JSON, so `tli plan --json` shows exactly what `tli upscale` will do.
 Element-wise ops and their exact arithmetic (both executors MUST produce identical bytes):
 
 - copy     out = src, converted to the output dtype (bytes unchanged when the dtypes match)
-- scale    out = f32(src) * f32(factor)
+- scale    out = f32(src) * f32(factor); with an offset o != 0 (a norm weight w that means a scale
+           of w + o, as Gemma's (1 + w)): out = (f32(src) + f32(o)) * f32(factor) - f32(o)
 - average  s = f32(src[0]); s = s + f32(src[i]) for i = 1..n-1; s = s / f32(n);
-           then s = s * f32(factor) if factor != 1
+           then s = s * f32(factor) if factor != 1 (with an offset: s = (s + o) * factor - o)
 - zeros    out = 0 (written as a hole where the file system allows)
 - fill     out = f32(value)
 - uniform  per element index i (0-based within the tensor), splitmix64 on the u64 counter
@@ -43,6 +44,7 @@ class TensorOp:
     value: float = 0.0
     seed: int = 0
     bound: float = 0.0
+    offset: float = 0.0  # scale / average of a norm weight stored as (scale - offset)
 
     def to_json(self) -> dict:
         out: dict = {"kind": self.kind}
@@ -50,6 +52,8 @@ class TensorOp:
             out["src"] = list(self.src)
         if self.kind in ("scale", "average"):
             out["factor"] = self.factor
+            if self.offset:
+                out["offset"] = self.offset
         if self.kind == "fill":
             out["value"] = self.value
         if self.kind == "uniform":

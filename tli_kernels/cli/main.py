@@ -226,10 +226,16 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from tli_kernels.architectures import architecture_names
+    from tli_kernels.checkpoint.errors import CheckpointError
     from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
 
     layout = CheckpointLayout.open(args.path)
     c = layout.config
+    try:  # the layer count as the architecture reads it, and the surgery rule tli would use
+        num_layers, rule = layout.num_layers, layout.architecture.name
+    except CheckpointError as e:
+        num_layers, rule = c.get("num_hidden_layers"), f"not supported ({e.reason})"
     dtypes: dict[str, int] = {}
     for t in layout.tensors.values():
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
@@ -237,7 +243,8 @@ def cmd_inspect(args) -> int:
         "path": layout.path,
         "model_type": layout.model_type,
         "architectures": c.get("architectures"),
-        "num_layers": c.get("num_hidden_layers"),
+        "num_layers": num_layers,
+        "surgery_rule": rule,
         "hidden_size": c.get("hidden_size"),
         "intermediate_size": c.get("intermediate_size"),
         "attention_heads": c.get("num_attention_heads"),
@@ -265,7 +272,7 @@ def cmd_inspect(args) -> int:
     if info["experts"]:
         extras += f", {info['experts']} experts"
     print(f"{info['path']}")
-    print(f"  architecture  {info['model_type']} ({', '.join(info['architectures'] or [])})")
+    print(f"  architecture  {info['model_type']} ({architecture_names(c)}); surgery rule: {rule}")
     print(
         f"  layers        {info['num_layers']}, hidden {info['hidden_size']}, intermediate "
         f"{info['intermediate_size']}, {heads}, vocab {info['vocab_size']}{extras}"

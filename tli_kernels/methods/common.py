@@ -11,7 +11,9 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from tli_kernels.checkpoint.layout import BRANCH_OUTPUT_TENSORS, LAYER_PATTERN, CheckpointLayout
+from tli_kernels.architectures import Architecture
+from tli_kernels.checkpoint.errors import CheckpointError
+from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, TensorOp, pack_shards, validate_plan
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES, TensorEntry
 
@@ -80,26 +82,69 @@ def out_dtype(src_dtype: str, common: CommonOptions) -> str:
     return target if target and src_dtype in ARITHMETIC_DTYPES else src_dtype
 
 
+def init_std(layout: CheckpointLayout) -> float:
+    """The config's initializer_range, checked (it sets the spread of `--init random`)."""
+    value = layout.config.get("initializer_range", 0.02)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(
+            f"initializer_range is {value!r}: --init random needs a positive number", layout.config_path
+        )
+    return float(value)
+
+
 def layer_op(
-    suffix: str, layer: OutLayer, entries: list[TensorEntry], name: str, common: CommonOptions, init_std: float
+    suffix: str,
+    layer: OutLayer,
+    entries: list[TensorEntry],
+    name: str,
+    common: CommonOptions,
+    arch: Architecture,
+    std: float | None,
 ) -> TensorOp:
-    """The op that makes tensor `suffix` of an output layer (entries: that tensor in each source layer)."""
-    branch = suffix in BRANCH_OUTPUT_TENSORS
-    factor = layer.alpha if branch else 1.0
-    if layer.init == "zero" and branch:
+    """The op that makes tensor `suffix` of an output layer (entries: that tensor in each source layer).
+
+    alpha scales a branch through its output tensors, or, where a norm follows the branch, through that
+    norm's weight (stored as scale - norm_offset, hence the offset)."""
+    branch = arch.branch_of(suffix)
+    post_norm_of = arch.post_norms().get(suffix)
+    scaled_here = post_norm_of is not None or (branch is not None and not _has_post_norm(arch, branch))
+    factor = layer.alpha if scaled_here else 1.0
+    offset = arch.norm_offset if post_norm_of is not None and factor != 1.0 else 0.0
+    if layer.init == "zero" and branch is not None:
         return TensorOp("zeros")
     if layer.init == "random":
+        assert std is not None
         if suffix.endswith("bias"):
             return TensorOp("zeros")
-        if len(entries[0].shape) < 2:  # norm weights: RMSNorm's identity
-            return TensorOp("fill", value=1.0)
-        return TensorOp("uniform", seed=derive_seed(common.seed, name), bound=init_std * math.sqrt(3.0) * factor)
+        if len(entries[0].shape) < 2:  # norm weights: the norm's identity (alpha on a post norm)
+            return TensorOp("fill", value=(1.0 * factor) - arch.norm_offset)
+        return TensorOp("uniform", seed=derive_seed(common.seed, name), bound=std * math.sqrt(3.0) * factor)
     srcs = [e.name for e in entries]
     if len(srcs) > 1:
-        return TensorOp("average", src=srcs, factor=factor)
+        return TensorOp("average", src=srcs, factor=factor, offset=offset)
     if factor != 1.0:
-        return TensorOp("scale", src=srcs, factor=factor)
+        return TensorOp("scale", src=srcs, factor=factor, offset=offset)
     return TensorOp("copy", src=srcs)
+
+
+def _has_post_norm(arch: Architecture, branch: str) -> bool:
+    return (arch.attn if branch == "attn" else arch.mlp).post_norm is not None
+
+
+def source_layers(layout: CheckpointLayout, layer: OutLayer, j: int) -> list[dict[str, TensorEntry]]:
+    """The source layers an output layer is made from, checked to be alike (average of an MoE and a
+    dense layer, say, is refused). A random layer takes the structure of the layer it follows."""
+    if not layer.sources:
+        return [layout.layer_tensors(layer.extra.get("after", 0))]
+    layers = [layout.layer_tensors(s) for s in layer.sources]
+    first = layers[0]
+    for s, other in zip(layer.sources[1:], layers[1:]):
+        if other.keys() != first.keys() or any(other[k].shape != first[k].shape for k in first):
+            raise ValueError(
+                f"output layer {j} would average source layers {layer.sources[0]} and {s}, whose tensors differ "
+                f"(e.g. a dense and an MoE layer): use --init copy or zero"
+            )
+    return layers
 
 
 def build_plan(
@@ -114,22 +159,22 @@ def build_plan(
 ) -> SurgeryPlan:
     """Turn a layer map into a plan. `expand_layer(j, layer, common)` may replace the per-layer tensors."""
     layout.check_decoder()
-    init_std = float(layout.config.get("initializer_range", 0.02))
+    arch, prefix = layout.architecture, layout.layer_prefix
+    std = init_std(layout) if any(layer.init == "random" for layer in layers) else None
     before, after = [], []
     for t in layout.non_layer_tensors():
-        (before if t.name.startswith("model.embed") else after).append(_carry(t, common))
+        (before if _is_embedding(t.name) else after).append(_carry(t, common))
 
-    template = layout.layer_tensors(0)
     middle: list[OutTensor] = []
     for j, layer in enumerate(layers):
         if expand_layer is not None:
             middle.extend(expand_layer(j, layer, common))
             continue
-        src_layers = [layout.layer_tensors(s) for s in layer.sources] or [template]
-        for suffix, t0 in template.items():
-            name = f"model.layers.{j}.{suffix}"
+        src_layers = source_layers(layout, layer, j)
+        for suffix, t0 in src_layers[0].items():
+            name = f"{prefix}.{j}.{suffix}"
             entries = [sl[suffix] for sl in src_layers]
-            op = layer_op(suffix, layer, entries, name, common, init_std)
+            op = layer_op(suffix, layer, entries, name, common, arch, std)
             middle.append(OutTensor(name, out_dtype(t0.dtype, common), t0.shape, op))
 
     tensors = before + middle + after
@@ -137,7 +182,7 @@ def build_plan(
         method=method,
         options={**options, "dtype": common.dtype, "shard_size": common.shard_size, "seed": common.seed},
         source=layout.identity(),
-        config=rewrite_config(layout.config, layers, common, config_update),
+        config=rewrite_config(layout, layers, common, config_update),
         layers=[layer.provenance(j) for j, layer in enumerate(layers)],
         shards=pack_shards(tensors, common.shard_size),
         side_files=list(layout.side_files),
@@ -146,28 +191,46 @@ def build_plan(
     return plan
 
 
+_EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+
+
+def _is_embedding(name: str) -> bool:
+    return any(h in name for h in _EMBEDDING_HINTS)
+
+
 def _carry(t: TensorEntry, common: CommonOptions) -> OutTensor:
     return OutTensor(t.name, out_dtype(t.dtype, common), t.shape, TensorOp("copy", src=[t.name]))
 
 
-def rewrite_config(config: dict, layers: list[OutLayer], common: CommonOptions, update: dict | None) -> dict:
+def rewrite_config(
+    layout: CheckpointLayout, layers: list[OutLayer], common: CommonOptions, update: dict | None
+) -> dict:
     """config.json for the output: layer count and every per-layer entry follow the layer map."""
-    n_src = config["num_hidden_layers"]
+    config = layout.config
+    n_src = layout.num_layers
     new = copy.deepcopy(config)
-    new["num_hidden_layers"] = len(layers)
+    for key in layout.architecture.count_keys:
+        if key in new:
+            new[key] = len(layers)
     # Each output layer inherits per-layer settings from its (first) source layer; a random layer
     # takes those of the layer it was injected after.
     origin = [layer.sources[0] if layer.sources else layer.extra.get("after", 0) for layer in layers]
-    for key in PER_LAYER_CONFIG_KEYS:
-        value = config.get(key)
-        if isinstance(value, list) and len(value) == n_src:
+    for key in dict.fromkeys(PER_LAYER_CONFIG_KEYS + layout.architecture.per_layer_keys):
+        value = per_layer_values(layout, key)
+        if value is not None:
             new[key] = [value[s] for s in origin]
+    if layout.architecture.proven_by == "instance check":
+        _refuse_unknown_layer_entries(layout, origin)
     mwl = config.get("max_window_layers")
-    if isinstance(mwl, int):
+    if isinstance(mwl, int) and not isinstance(mwl, bool):
         prefix = 0
         while prefix < len(origin) and origin[prefix] < mwl:
             prefix += 1
         new["max_window_layers"] = prefix
+    if layout.architecture.moe_layout == "mlp_only_layers":
+        structure = layout._structure()
+        new["mlp_only_layers"] = [j for j, s in enumerate(origin) if not structure.is_moe_layer(s)]
+        new["decoder_sparse_step"] = 1
     target = DTYPE_OPTIONS[common.dtype]
     if target:
         for key in ("torch_dtype", "dtype"):
@@ -175,9 +238,54 @@ def rewrite_config(config: dict, layers: list[OutLayer], common: CommonOptions, 
                 new[key] = DTYPE_CONFIG_NAMES[target]
     if update:
         new.update(update)
+    assert n_src == layout.num_layers
     return new
 
 
-def layer_index(name: str) -> int | None:
-    m = LAYER_PATTERN.match(name)
-    return int(m.group(1)) if m else None
+def _refuse_unknown_layer_entries(layout: CheckpointLayout, origin: list[int]) -> None:
+    """A generic architecture's config may hold per-layer entries tli cannot interpret (one value per
+    layer, or a list of layer indices); carrying them unchanged could change what a moved layer does.
+    Refuse unless the layer map leaves every layer where it was."""
+    if origin == list(range(layout.num_layers)):
+        return
+    n = layout.num_layers
+    known = set(PER_LAYER_CONFIG_KEYS)
+    for key, value in layout.config.items():
+        if key in known or not isinstance(value, list) or not value:
+            continue
+        per_layer = len(value) == n
+        indices = key.endswith(("_layers", "_idxs", "_indices")) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n for v in value
+        )
+        if per_layer or indices:
+            raise CheckpointError(
+                f"{key} looks like a per-layer setting of {layout.model_type!r}, which tli has no entry for: "
+                f"it cannot carry it through a new layer order",
+                layout.config_path,
+            )
+
+
+def per_layer_values(layout: CheckpointLayout, key: str) -> list | None:
+    """The source's per-layer list `key`: from config.json, or, for an entry the architecture declares
+    per-layer but the file leaves to a default (an older Gemma3 config with only a sliding-window
+    pattern, say), as transformers' config class computes it."""
+    n = layout.num_layers
+    value = layout.config.get(key)
+    if isinstance(value, list):
+        if len(value) != n:
+            raise CheckpointError(f"{key} has {len(value)} entries for {n} layers", layout.config_path)
+        return value
+    if value is not None or key not in layout.architecture.per_layer_keys:
+        return None
+    computed = _config_class_value(layout, key)
+    return computed if isinstance(computed, list) and len(computed) == n else None
+
+
+def _config_class_value(layout: CheckpointLayout, key: str):
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**{k: v for k, v in layout.config.items() if k != "transformers_version"})
+    except Exception:  # noqa: BLE001 - a config transformers cannot build has no computed default to use
+        return None
+    return getattr(config, key, None)

@@ -1,15 +1,19 @@
-"""Sparse upcycling to a Mixtral-format mixture of experts.
+"""Sparse upcycling of a dense model into its MoE sibling: Llama/Mistral -> Mixtral, Qwen2 -> Qwen2-MoE,
+Qwen3 -> Qwen3-MoE.
 
-Every layer's MLP is copied into E experts (w1 = gate_proj, w3 = up_proj, w2 = down_proj) and a
-router `block_sparse_moe.gate` (E x hidden) is added, initialised small and random. Mixtral
-renormalises the top-k routing weights to sum to 1, so identical experts make the upcycled model
-compute exactly the source function at init, whatever the router says. The checkpoint uses the
-original Mixtral tensor names, which every transformers version loads as MixtralForCausalLM.
+Every layer's MLP is copied into E experts and a router (E x hidden) is added, initialised small and
+random. The targets renormalise the top-k routing weights to sum to 1 (Mixtral always; Qwen MoE with
+`norm_topk_prob: true`, which the output config sets), so identical experts make the upcycled model
+compute exactly the source function at init, whatever the router says. Qwen2-MoE also has a shared
+expert behind a sigmoid gate: it starts as a copy of the MLP with its down projection zeroed (the
+identity-injection idea applied to the shared expert), so it adds nothing until trained.
+The checkpoint uses the per-expert tensor names transformers writes and reads.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
@@ -23,62 +27,140 @@ from tli_kernels.methods.common import (
     out_dtype,
 )
 
-EXPERT_NAMES = {"mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3"}
-UPCYCLABLE = ("llama", "mistral")
+MLP_TENSORS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+@dataclass(frozen=True)
+class Target:
+    """How an MoE sibling names its router and experts, and the config it needs."""
+
+    model_type: str
+    architecture: str
+    router: str  # layer-relative name of the router weight
+    expert: str  # layer-relative name of an expert tensor: {e} expert index, {w} its own projection name
+    names: dict  # dense MLP tensor -> the expert's projection name
+    config: dict = field(default_factory=dict)
+    shared_expert: bool = False
+    attention_bias: str = "none"  # "none": q/k/v/o without bias; "qkv": q/k/v biases; "config": attention_bias
+
+
+TARGETS = {
+    "mixtral": Target(
+        "mixtral",
+        "MixtralForCausalLM",
+        router="block_sparse_moe.gate.weight",
+        expert="block_sparse_moe.experts.{e}.{w}.weight",
+        names={"mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3"},
+        config={"router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0},
+    ),
+    "qwen3_moe": Target(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        router="mlp.gate.weight",
+        expert="mlp.experts.{e}.{w}.weight",
+        names={s: s.split(".")[1] for s in MLP_TENSORS},
+        config={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001},
+        attention_bias="config",
+    ),
+    "qwen2_moe": Target(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        router="mlp.gate.weight",
+        expert="mlp.experts.{e}.{w}.weight",
+        names={s: s.split(".")[1] for s in MLP_TENSORS},
+        config={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001},
+        shared_expert=True,
+        attention_bias="qkv",
+    ),
+}
+UPCYCLABLE = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+
+
+def _check_source(layout: CheckpointLayout, target: Target) -> None:
+    template = layout.layer_tensors(0)
+    path = layout.config_path
+    extra = sorted(s for s in template if s.startswith("mlp.") and s not in MLP_TENSORS)
+    if extra or any(s not in template for s in MLP_TENSORS):
+        bad = extra[0] if extra else next(s for s in MLP_TENSORS if s not in template)
+        raise CheckpointError(f"{target.model_type} experts are gate/up/down projections; no slot for {bad}", path)
+    biases = {s.split(".")[1] for s in template if s.startswith("self_attn.") and s.endswith(".bias")}
+    allowed = {"none": set(), "qkv": {"q_proj", "k_proj", "v_proj"}, "config": biases}[target.attention_bias]
+    if target.attention_bias == "qkv" and biases != allowed:
+        raise CheckpointError(
+            f"{target.model_type} has q/k/v biases and no o_proj bias; this model's attention biases are "
+            f"{sorted(biases) or 'none'}",
+            path,
+        )
+    if not biases <= allowed:
+        raise CheckpointError(
+            f"{target.model_type} attention has no bias but layer 0 has {sorted(biases)[0]} bias", path
+        )
 
 
 def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, top_k: int = 2):
     layout.check_decoder()
     check_int_option("experts", experts, 1, 1024)
     check_int_option("top-k", top_k, 1, experts, f" (cannot route to more than --experts {experts})")
-    if layout.model_type not in UPCYCLABLE:
+    target_type = UPCYCLABLE.get(layout.model_type)
+    if target_type is None:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in UPCYCLABLE.items())
         raise CheckpointError(
-            f"moe-upcycle writes Mixtral checkpoints, whose blocks match {', '.join(UPCYCLABLE)} only "
-            f"(model_type {layout.model_type!r} differs: biases or q/k norms)",
+            f"moe-upcycle turns a dense model into its MoE sibling ({pairs}); "
+            f"model_type {layout.model_type!r} has none in transformers",
             layout.config_path,
         )
-    template = layout.layer_tensors(0)
-    extra = sorted(s for s in template if s.startswith("mlp.") and s not in EXPERT_NAMES)
-    if extra or layout.config.get("attention_bias") or "self_attn.q_proj.bias" in template:
-        bad = extra[0] if extra else "self_attn.q_proj.bias"
-        raise CheckpointError(f"Mixtral has no slot for {bad}", layout.config_path)
+    target = TARGETS[target_type]
+    _check_source(layout, target)
 
     hidden = layout.config["hidden_size"]
+    intermediate = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[0]
     bound = float(layout.config.get("initializer_range", 0.02)) * math.sqrt(3.0)
+    prefix_of = layout.layer_prefix
 
     def expand(j: int, layer: OutLayer, common: CommonOptions) -> list[OutTensor]:
         src = layout.layer_tensors(layer.sources[0])
+        prefix = f"{prefix_of}.{j}."
         out: list[OutTensor] = []
-        prefix = f"model.layers.{j}."
+
+        def carry(name: str, t, op: TensorOp | None = None) -> None:
+            out.append(OutTensor(prefix + name, out_dtype(t.dtype, common), t.shape, op or TensorOp("copy", [t.name])))
+
+        def random(name: str, shape: tuple[int, ...]) -> None:
+            full = prefix + name
+            op = TensorOp("uniform", seed=derive_seed(common.seed, full), bound=bound)
+            out.append(OutTensor(full, out_dtype(src["mlp.gate_proj.weight"].dtype, common), shape, op))
+
         for suffix, t in src.items():
-            if suffix in EXPERT_NAMES:
-                continue
-            out.append(OutTensor(prefix + suffix, out_dtype(t.dtype, common), t.shape, TensorOp("copy", [t.name])))
-        dtype = out_dtype(src["mlp.gate_proj.weight"].dtype, common)
-        gate = prefix + "block_sparse_moe.gate.weight"
-        out.append(
-            OutTensor(
-                gate, dtype, (experts, hidden), TensorOp("uniform", seed=derive_seed(common.seed, gate), bound=bound)
-            )
-        )
+            if suffix not in MLP_TENSORS:
+                carry(suffix, t)
+        random(target.router, (experts, hidden))
         for e in range(experts):
-            for suffix, short in EXPERT_NAMES.items():
-                t = src[suffix]
-                name = f"{prefix}block_sparse_moe.experts.{e}.{short}.weight"
-                out.append(OutTensor(name, out_dtype(t.dtype, common), t.shape, TensorOp("copy", [t.name])))
+            for suffix, short in target.names.items():
+                carry(target.expert.format(e=e, w=short), src[suffix])
+        if target.shared_expert:
+            for suffix in MLP_TENSORS:
+                zero = suffix == "mlp.down_proj.weight"
+                carry(suffix.replace("mlp.", "mlp.shared_expert."), src[suffix], TensorOp("zeros") if zero else None)
+            random("mlp.shared_expert_gate.weight", (1, hidden))
         return out
 
     layers = [OutLayer("original", [i]) for i in range(layout.num_layers)]
     update = {
-        "model_type": "mixtral",
-        "architectures": ["MixtralForCausalLM"],
-        "num_local_experts": experts,
+        "model_type": target.model_type,
+        "architectures": [target.architecture],
         "num_experts_per_tok": top_k,
         "output_router_logits": False,
-        "router_aux_loss_coef": 0.02,
-        "router_jitter_noise": 0.0,
-        "sliding_window": layout.config.get("sliding_window"),
+        **target.config,
     }
+    if target.model_type == "mixtral":
+        update["num_local_experts"] = experts
+        update["sliding_window"] = layout.config.get("sliding_window")
+    else:
+        update["num_experts"] = experts
+        update["moe_intermediate_size"] = intermediate
+    if target.shared_expert:
+        update["shared_expert_intermediate_size"] = intermediate
+        update["qkv_bias"] = True
     p = build_plan(
         layout,
         layers,

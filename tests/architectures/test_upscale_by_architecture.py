@@ -257,3 +257,24 @@ def test_moe_layer_pattern_follows_the_layer_map_and_mixed_averages_are_refused(
     with pytest.raises(ValueError, match="average source layers 0 and 1"):
         upscale(src, bad, "tli", options=dict(k=1, init="average", alpha=1.0))
     assert not os.path.exists(bad)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen2_moe"])
+def test_fused_expert_layout_on_disk(tmp_path, model_type):
+    """MoE weights saved under the module names (fused 3-D experts.gate_up_proj / experts.down_proj),
+    which transformers also reads: alpha and zero reach every expert through the fused tensor."""
+    from safetensors.torch import save_file
+
+    family = FAMILIES[model_type]
+    model = build_model(family)
+    src = str(tmp_path / "src")
+    model.config.save_pretrained(src)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.down_proj") for k in state), "expected fused experts in memory"
+    save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    for case in ("tli-copy-alpha", "tli-zero"):
+        method, options, spec = CASES[case]
+        dst = str(tmp_path / case)
+        upscale(src, dst, method, options=options)
+        want = logits(reference_upscale(model, family, spec, per_layer_lists(model.config)))
+        torch.testing.assert_close(logits(load(dst)), want, rtol=1e-5, atol=1e-5)

@@ -123,3 +123,13 @@ def layer_name_regex(prefix: str) -> re.Pattern:
 def loose_layer_regex(prefix: str) -> re.Pattern:
     """Anything that a reader might take for a layer of `prefix`: any digits (Unicode too), zeros."""
     return re.compile(re.escape(prefix) + r"\.(\w*\d\w*)\.(.+)\Z", re.DOTALL)
+
+
+def branch_module(arch: Architecture, branch: str) -> str:
+    """Path (within a decoder layer) of the module whose output is the branch as it joins the residual:
+    the post norm where there is one, else the block the output tensors live in (self_attn, mlp, ...).
+    Scaling that module's output by alpha is alpha's definition; the tests check it against the rule."""
+    b = arch.attn if branch == "attn" else arch.mlp
+    if b.post_norm:
+        return b.post_norm.rsplit(".", 1)[0]
+    return b.outputs[0].split(".", 1)[0]

@@ -71,8 +71,8 @@ def test_the_verdict_is_cached(tmp_path, monkeypatch):
     calls = []
     real = generic._prove
     monkeypatch.setattr(generic, "_prove", lambda *a: calls.append(1) or real(*a))
-    CheckpointLayout.open(src).architecture
-    CheckpointLayout.open(src).architecture
+    assert CheckpointLayout.open(src).architecture.proven_by == "instance check"
+    assert CheckpointLayout.open(src).architecture.proven_by == "instance check"
     assert len(calls) == 1
     cached = json.load(open(os.environ["TLI_CACHE_DIR"] + "/architecture-checks.json"))
     assert [k.split("|")[0] for k in cached] == ["olmo"]

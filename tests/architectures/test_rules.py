@@ -55,3 +55,36 @@ def test_a_broken_rule_fails_the_check(model_type, changes, complaint):
     model = build_model(FAMILIES[model_type])
     with pytest.raises(RuleCheckFailed, match=complaint):
         check_rule(model, _broken(model_type, **changes))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_branch_modules_match_the_tests_own_reading(model_type):
+    from tli_kernels.architectures.spec import branch_module
+
+    arch = BY_MODEL_TYPE[model_type]
+    assert (branch_module(arch, "attn"), branch_module(arch, "mlp")) == FAMILIES[model_type].branches
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_folding_alpha_into_weights_equals_scaling_the_branches(model_type):
+    """fold_into_state_dict (what training saves) against forward hooks on the branch modules."""
+    import copy
+
+    import torch
+
+    from tests.architectures.models import decoder_layers, logits
+    from tli_kernels.architectures.fold import fold_into_state_dict
+
+    family = FAMILIES[model_type]
+    model = build_model(family)
+    scales = {1: 0.375, 4: 1.5}
+    folded = copy.deepcopy(model)
+    folded.load_state_dict(fold_into_state_dict(model.state_dict(), scales, BY_MODEL_TYPE[model_type], family.layers))
+    hooked = copy.deepcopy(model)
+    for i, a in scales.items():
+        for branch in family.branches:
+            decoder_layers(hooked, family)[i].get_submodule(branch).register_forward_hook(
+                lambda m, args, out, a=a: (out[0] * a,) + tuple(out[1:]) if isinstance(out, tuple) else out * a
+            )
+    torch.testing.assert_close(logits(folded), logits(hooked), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(folded), logits(model))

@@ -99,7 +99,7 @@ ENTRIES: tuple[Architecture, ...] = (
         "mixtral",
         ("mixtral",),
         LLAMA_ATTN,
-        Branch(("block_sparse_moe.experts.*.w2.weight", "mlp.experts.down_proj")),
+        Branch(("mlp.experts.down_proj", "block_sparse_moe.experts.*.w2.weight")),  # in memory, then on disk
         per_layer_keys=LAYER_TYPES,
     ),
     Architecture("qwen3_moe", ("qwen3_moe",), LLAMA_ATTN, QWEN_MOE_MLP, moe_layout="mlp_only_layers"),

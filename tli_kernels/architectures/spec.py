@@ -35,9 +35,12 @@ class Branch:
     """One residual branch of a decoder block.
 
     outputs: patterns of the tensors whose zero makes the branch output zero and whose product with
-      alpha scales it by alpha (weights and biases of the last linear map; every expert's and the
-      shared expert's in an MoE block). A pattern that matches nothing in a layer is fine (a bias
-      the model was built without), but every layer must match at least one pattern of each branch.
+      alpha scales it by alpha; the first names the tensor as the transformers module holds it (its
+      first component is the branch's module, see `branch_module`), the others as files may name it
+      (per-expert, legacy names). They cover the weight and bias of the branch's last linear map
+      (every expert's and the shared expert's in an MoE block). A pattern that matches nothing in a
+      layer is fine (a bias the model was built without), but every layer must match at least one
+      pattern of each branch.
     post_norm: the norm applied to the branch output before the residual add, if any. alpha then
       goes into that norm's weight (a scaled projection would be normalised away).
     """

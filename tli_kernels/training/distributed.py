@@ -4,7 +4,9 @@ NCCL on GPUs, gloo on CPUs (how the tests run it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -152,14 +154,12 @@ def load_state(trainee: nn.Module, optimizer, path: str) -> None:
     set_state_dict(trainee, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+@contextlib.contextmanager
 def _single_process_is_fine():
     """DCP warns that it 'assumes' a single process when there is no process group: that is intended."""
-    import warnings
-
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
-    return ctx
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
 
 
 def _first_failure(e: BaseException) -> str:

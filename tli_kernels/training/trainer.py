@@ -165,7 +165,9 @@ def _check_float(flag: str, value, *, low=None, high=None, low_open=False, high_
     """Finite, in range, and still finite once float32 (the optimizer's arithmetic)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"--{flag} {value!r}: must be a number")
-    if not math.isfinite(value) or not math.isfinite(float(np.float32(value))):
+    with np.errstate(over="ignore"):
+        as_float32 = float(np.float32(value))
+    if not math.isfinite(value) or not math.isfinite(as_float32):
         raise ValueError(f"--{flag} {value}: must be a finite number (float32)")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"--{flag} {value}: must be {'greater than' if low_open else 'at least'} {low:g}")

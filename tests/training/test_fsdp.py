@@ -64,9 +64,13 @@ def _flags(values: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_upscale_on_load_then_resume_on_one_process(token_files, tiny_source, tmp_path):
+def test_two_ranks_upscale_on_load_then_resume_on_one_process(token_files, tmp_path):
     """2 gloo ranks read only their rows straight from the source (--method tli), save DCP + export;
-    one process resumes that checkpoint (DCP reshards 2 -> 1) and ends where a one-process run ends."""
+    one process resumes that checkpoint (DCP reshards 2 -> 1) and ends where a one-process run ends.
+    The source has tied embeddings, which must stay one parameter through meta build and FSDP2."""
+    from tests.helpers import save_tiny_llama
+
+    tiny_source = save_tiny_llama(str(tmp_path / "tied"), layers=4, dtype=torch.float32, tie=True, shard=None)
     train_file, held_file = token_files
     common = dict(data_file=train_file, eval_data_file=held_file, seq_len=32, micro_batch=2, global_batch=4, steps=8,
                   lr=3e-3, warmup=2, eval_every=4, eval_tokens=256, learnable_alpha=True)  # fmt: skip
@@ -90,6 +94,7 @@ def test_two_ranks_upscale_on_load_then_resume_on_one_process(token_files, tiny_
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     manifest = json.load(open(os.path.join(two, "step-000004", "tli_checkpoint.json")))
     assert {"state/__0_0.distcp", "state/__1_0.distcp", "state/.metadata"} <= set(manifest["files"])
+    assert "lm_head.weight" not in b  # tied: one tensor, as the source stores it
 
     resumed = train(TrainConfig(model=tiny_source, method="tli", method_options=options, output=two, resume=True,
                                 progress=False, **common))  # fmt: skip

@@ -117,6 +117,13 @@ def test_a_source_changed_between_plan_and_load_is_refused(bf16_source, tmp_path
     assert victim.name in str(info.value)
 
 
+def test_tied_embeddings_stay_one_parameter(tmp_path):
+    src = save_tiny_llama(str(tmp_path / "src"), layers=2, dtype=torch.float32, tie=True, shard=None)
+    model = load_model(open_source(src, "tli", {"k": 1}))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.num_hidden_layers == 4
+
+
 def test_truncated_weights_are_named(tmp_path):
     src = save_tiny_llama(str(tmp_path / "src"), layers=2, dtype=torch.float32, shard=None)
     path = os.path.join(src, "model.safetensors")

@@ -219,7 +219,20 @@ def materialize(module: nn.Module, device: torch.device | str = "cpu") -> None:
     filled (fill_from_plan, or a DCP load).
     """
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    # to_empty gives every module attribute its own new tensor, which would untie tied weights
+    # (lm_head = embed_tokens): remember the aliases and point them back at the one parameter.
+    first: dict[int, str] = {}
+    aliases: list[tuple[str, str]] = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
     module.to_empty(device=device)
+    for alias, name in aliases:
+        owner, _, attr = alias.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        target.register_parameter(attr, module.get_parameter(name))
     with torch.no_grad():
         for name, b in module.named_buffers():
             b.copy_(buffers[name])

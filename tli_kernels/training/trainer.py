@@ -345,7 +345,7 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     if cfg.kernels:
         _apply_kernels(lm, learnable, bool(learnable))
     if cfg.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
     trainee = Trainee(lm, [] if cfg.kernels else learnable)
     _freeze(trainee, cfg.train, injected)
     if runtime.distributed:
@@ -457,6 +457,15 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     result.seconds = time.perf_counter() - started
     result.bytes_read = bytes_read
     return result
+
+
+def enable_checkpointing(lm) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, which FSDP2 and hooks work with)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _no_autocast():

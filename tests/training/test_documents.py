@@ -88,7 +88,9 @@ def test_lanes_match_hand_packing_and_ranks_match_accumulation(doc_model, corpor
     assert sorted(ranks[0].stream.mine) == [0, 1] and sorted(ranks[1].stream.mine) == [2, 3]  # own lanes only
     for step in range(steps):
         accumulated = torch.cat([one.batch(step, m, micro_batch=MICRO, accum=2) for m in range(2)])
-        distributed = torch.cat([ranks[r].batch(step, 0, micro_batch=MICRO, accum=1, rank=r, world=2) for r in range(2)])
+        distributed = torch.cat(
+            [ranks[r].batch(step, 0, micro_batch=MICRO, accum=1, rank=r, world=2) for r in range(2)]
+        )
         assert torch.equal(accumulated, distributed)
         expected = torch.from_numpy(np.stack([reference[j][step] for j in range(LANES)]))
         assert torch.equal(accumulated, expected), (kind, step)
@@ -99,7 +101,9 @@ def test_parquet_and_datasets_give_the_same_windows(doc_model, corpora):
     a, b = _open(tok, corpora["parquet"]), _open(tok, corpora["datasets"])
     for step in range(5):
         for m in range(2):
-            assert torch.equal(a.batch(step, m, micro_batch=MICRO, accum=2), b.batch(step, m, micro_batch=MICRO, accum=2))
+            assert torch.equal(
+                a.batch(step, m, micro_batch=MICRO, accum=2), b.batch(step, m, micro_batch=MICRO, accum=2)
+            )
     assert torch.equal(a.heldout, b.heldout)
 
 

@@ -322,7 +322,9 @@ def open_corpus(path: str, field: str):
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise RuntimeError(f"--data {path}: reading Parquet needs pyarrow (pip install 'tli-kernels[data]')") from None
+            raise RuntimeError(
+                f"--data {path}: reading Parquet needs pyarrow (pip install 'tli-kernels[data]')"
+            ) from None
         return _RowCorpus(files, None, field, path)
     return _LineCorpus(files, kind, field)
 
@@ -341,7 +343,9 @@ def _load_dataset(path: str):
     try:
         import datasets
     except ImportError:
-        raise RuntimeError(f"--data {path}: a datasets folder needs the datasets package (pip install 'tli-kernels[data]')") from None
+        raise RuntimeError(
+            f"--data {path}: a datasets folder needs the datasets package (pip install 'tli-kernels[data]')"
+        ) from None
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:  # datasets raises many kinds
@@ -476,17 +480,24 @@ class TrainingData:
                 heldout_ids_ = _read_heldout(corpus, train_units, tokenizer, eval_tokens)
                 self.heldout_name = f"{data_file} (held out: units [{train_units}, {corpus.units}))"
                 if heldout_ids_.numel() < seq_len:
-                    raise ValueError(f"--data {data_file}: the held-out {heldout_fraction:g} holds {heldout_ids_.numel()} "
-                                     f"tokens, less than one window of --seq-len {seq_len}; raise --heldout-fraction")  # fmt: skip
+                    raise ValueError(
+                        f"--data {data_file}: the held-out {heldout_fraction:g} holds {heldout_ids_.numel()} tokens, "
+                        f"less than one window of --seq-len {seq_len}; raise --heldout-fraction"
+                    )
             accum = global_batch // (micro_batch * world)
             mine = [(m * world + rank) * micro_batch + i for m in range(accum) for i in range(micro_batch)]
             self.stream = DocumentStream(corpus, data_file, tokenizer, seq_len=seq_len, lanes=global_batch,
                                          train_units=train_units, mine=mine, vocab_size=vocab_size)  # fmt: skip
             self.name = data_file
-            self.split = {"unit": "bytes" if isinstance(corpus, _LineCorpus) else "rows", "units": corpus.units,
-                          "train": [0, train_units], "heldout": None if heldout_ids_ is None else [train_units, corpus.units],
-                          "heldout_fraction": heldout_fraction if heldout_ids_ is not None else None,
-                          "lanes": global_batch}  # fmt: skip
+            held = heldout_ids_ is not None
+            self.split = {
+                "unit": "bytes" if isinstance(corpus, _LineCorpus) else "rows",
+                "units": corpus.units,
+                "train": [0, train_units],
+                "heldout": [train_units, corpus.units] if held else None,
+                "heldout_fraction": heldout_fraction if held else None,
+                "lanes": global_batch,
+            }
         else:
             ids, self.name = training_ids(tokenizer, text_file=text_file, data_file=data_file)
             check_vocab(ids, vocab_size, f"--data {data_file}" if data_file else f"--text {text_file or 'built-in'}")
@@ -494,8 +505,12 @@ class TrainingData:
             self.num_windows = self.order.num_windows
         if eval_tokens:
             if heldout_ids_ is None:
-                heldout_ids_, self.heldout_name = heldout_ids(tokenizer, text_file=eval_text_file, data_file=eval_data_file)
-                where = f"--eval-data {eval_data_file}" if eval_data_file else f"--eval-text {eval_text_file or 'built-in'}"
+                heldout_ids_, self.heldout_name = heldout_ids(
+                    tokenizer, text_file=eval_text_file, data_file=eval_data_file
+                )
+                where = (
+                    f"--eval-data {eval_data_file}" if eval_data_file else f"--eval-text {eval_text_file or 'built-in'}"
+                )
                 check_vocab(heldout_ids_, vocab_size, where)
             self.heldout = windows(heldout_ids_, seq_len, eval_tokens)
         return self

@@ -88,7 +88,8 @@ class DryRun:
             f"  total                            {self.peak(worst) / GB:9.2f}",
             "",
             f"source bytes read: {most_read.bytes_read / GB:.2f} GB on the busiest rank, "
-            f"{sum(r.bytes_read for r in self.ranks) / GB:.2f} GB in all (the source holds {self.source_bytes / GB:.2f} GB)",
+            f"{sum(r.bytes_read for r in self.ranks) / GB:.2f} GB in all "
+            f"(the source holds {self.source_bytes / GB:.2f} GB)",
         ]
         return "\n".join(lines)
 

@@ -61,7 +61,9 @@ def export_model(
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"--save-dtype {dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
     bindings = bind(lm, source.plan)
-    where: dict[str, tuple[str, Piece]] = {p.tensor.name: (name, p) for name, pieces in bindings.items() for p in pieces}
+    where: dict[str, tuple[str, Piece]] = {
+        p.tensor.name: (name, p) for name, pieces in bindings.items() for p in pieces
+    }
     shards, repacked = export_shards(source.plan, set(where), dtype)
     factors = {name: float(a) for i, a in scales.items() if a != 1.0 for name in branch_tensor_names(i)}
     params = dict(lm.named_parameters())
@@ -103,7 +105,10 @@ def export_model(
             os.replace(final + PARTIAL_SUFFIX, final)
         if len(shards) > 1:
             total = sum(s.data_bytes for s in shards)
-            index = {"metadata": {"total_size": total}, "weight_map": {t.name: s.file for s in shards for t in s.tensors}}
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {t.name: s.file for s in shards for t in s.tensors},
+            }
             write_json_atomic(os.path.join(folder, INDEX_NAME), index)
         for name in source.plan.side_files:
             shutil.copyfile(os.path.join(source.layout.path, name), os.path.join(folder, name))

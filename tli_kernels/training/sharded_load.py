@@ -103,7 +103,9 @@ def open_source(
 
         plan = make_plan(layout, method, CommonOptions(dtype=dtype, seed=seed), **(options or {}))
         provenance = plan.provenance(__version__)
-    check_provenance(provenance, int(plan.config.get("num_hidden_layers", 0)), os.path.join(layout.path, PROVENANCE_NAME))
+    check_provenance(
+        provenance, int(plan.config.get("num_hidden_layers", 0)), os.path.join(layout.path, PROVENANCE_NAME)
+    )
     return ModelSource(layout.path, plan, layout, provenance, method, dict(options or {}), snapshot)
 
 
@@ -161,7 +163,9 @@ def check_snapshot(source: ModelSource) -> None:
         try:
             st = os.stat(path)
         except OSError as e:
-            raise CheckpointError(f"source file disappeared during the load ({e.strerror}); nothing was trained", path) from e
+            raise CheckpointError(
+                f"source file disappeared during the load ({e.strerror}); nothing was trained", path
+            ) from e
         now = (st.st_size, st.st_mtime_ns, st.st_ino)
         if now != then:
             raise CheckpointError(
@@ -285,14 +289,18 @@ def bind(model: nn.Module, plan: SurgeryPlan) -> dict[str, list[Piece]]:
             f"the weights do not match config.json's {plan.config.get('model_type')} model)"
         )
     if leftover:
-        raise ValueError(f"tensor {leftover[0]} of the checkpoint fits no parameter of the model ({len(leftover)} such)")
+        raise ValueError(
+            f"tensor {leftover[0]} of the checkpoint fits no parameter of the model ({len(leftover)} such)"
+        )
     return found
 
 
 def _place(t: OutTensor, shapes: dict[str, tuple]) -> tuple[str | None, Piece]:
     if t.name in shapes:
         if shapes[t.name] != tuple(t.shape):
-            raise ValueError(f"tensor {t.name}: shape {list(t.shape)} in the checkpoint, {list(shapes[t.name])} in the model")
+            raise ValueError(
+                f"tensor {t.name}: shape {list(t.shape)} in the checkpoint, {list(shapes[t.name])} in the model"
+            )
         return t.name, Piece(t)
     m = _MIXTRAL_EXPERT.match(t.name)
     if m:

@@ -336,7 +336,7 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         what = "--train injected" if cfg.train == "injected" else "--learnable-alpha"
         raise ValueError(f"{what}: {cfg.model} has no injected layers (its {checkpoints.PROVENANCE_FILE} lists none)")
 
-    tokenizer = _tokenizer(source) if (cfg.text_file or not cfg.data_file or _needs_tokenizer(cfg)) else None
+    tokenizer = None if _only_token_ids(cfg) else _tokenizer(source)
     accum = cfg.accumulation(runtime.world)
     data = agree(runtime, _training_data, cfg, tokenizer, runtime, source)
 
@@ -506,7 +506,9 @@ def _check_same_plan(source: ModelSource, runtime: distributed.Runtime) -> None:
     digests: list = [None] * runtime.world
     dist.all_gather_object(digests, source.digest())
     if len(set(digests)) > 1:
-        raise RuntimeError(f"the ranks read different checkpoints at {source.path} (plan digests {sorted(set(digests))})")
+        raise RuntimeError(
+            f"the ranks read different checkpoints at {source.path} (plan digests {sorted(set(digests))})"
+        )
 
 
 def _tokenizer(source: ModelSource):
@@ -518,12 +520,11 @@ def _tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _needs_tokenizer(cfg: TrainConfig) -> bool:
+def _only_token_ids(cfg: TrainConfig) -> bool:
+    """Training and held-out data are both token ids: no tokenizer needed (a folder may have none)."""
     from tli_kernels.training.data import is_token_file
 
-    return not is_token_file(cfg.data_file) or (cfg.eval_text_file is not None) or (
-        cfg.eval_data_file is None and cfg.eval_tokens > 0 and cfg.data_file is None
-    )
+    return is_token_file(cfg.data_file) and (not cfg.eval_tokens or is_token_file(cfg.eval_data_file))
 
 
 def _training_data(cfg: TrainConfig, tokenizer, runtime: distributed.Runtime, source: ModelSource):
@@ -688,7 +689,9 @@ def _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, ste
             files = checkpoints.describe_files(tmp, sorted(names))
             checkpoints.write_manifest(tmp, step, files, source.digest())
             checkpoints.replace_dir(tmp, final)
-            checkpoints.write_json(os.path.join(cfg.output, "history.json"), {"steps": result.history, "evals": result.evals})
+            checkpoints.write_json(
+                os.path.join(cfg.output, "history.json"), {"steps": result.history, "evals": result.evals}
+            )
 
         agree(runtime, finish)
     except BaseException:

@@ -9,3 +9,12 @@ needed. Submodules:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `from tli_kernels import upscale_model` without importing torch when the package is imported.
+    if name == "upscale_model":
+        from tli_kernels.inmemory import upscale_model
+
+        return upscale_model
+    raise AttributeError(f"module 'tli_kernels' has no attribute {name!r}")

@@ -48,3 +48,36 @@ def tiny_tli(tiny_source, tmp_path_factory):
     upscale(tiny_source, dst, "tli", options={"k": 2, "init": "copy", "alpha": 0.5})
     assert os.path.isfile(os.path.join(dst, "tli_provenance.json"))
     return dst
+
+
+WORDS = ("in the beginning god created heaven and earth light was good day night water land sea fish bird "
+         "tree seed fruit man woman garden river gold stone").split()  # fmt: skip
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    """n short made-up documents of varied length (some longer than a window)."""
+    g = np.random.default_rng(seed)
+    return [" ".join(g.choice(WORDS, size=int(g.integers(3, 60)))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def doc_model(tmp_path_factory):
+    """A tiny Llama whose folder has a real (byte-level BPE) tokenizer, trained here on the documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = str(tmp_path_factory.mktemp("docmodel") / "m")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(documents(300, seed=5), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=fast.vocab_size + 8,
+                                  max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -129,3 +129,13 @@ def test_kernels_path_follows_the_stock_path(cfg, tmp_path):
     # by a sizeable fraction of lr (3e-3) on float32 noise alone; 1e-4 is 1/30 of one such step.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+
+
+def test_train_parser_lists_every_method_and_option():
+    """The train parser does not import the methods (start-up cost): its copies must stay in step."""
+    from tli_kernels.cli.main import METHOD_OPTIONS
+    from tli_kernels.methods import METHODS
+    from tli_kernels.training import cli
+
+    assert cli.METHODS == tuple(METHODS)
+    assert set(cli.METHOD_FLAGS) == {o for opts in METHOD_OPTIONS.values() for o in opts}

@@ -9,12 +9,19 @@ import argparse
 TRAIN_CHOICES = ("all", "injected")  # the same as trainer.TRAIN_CHOICES (checked by a test)
 
 TRAIN_DESCRIPTION = """\
-Continued pretraining of a (typically upscaled) model. Data: --text FILE, --data FILE.npy|.pt of token
-ids, or by default the built-in King James train split; held-out loss on the King James held-out split
-(never trained on) unless --eval-text / --eval-data is given. Checkpoints are Hugging Face folders
-(alpha folded) in OUTPUT/step-NNNNNN; --resume continues the newest one with the same loss curve.
+Continued pretraining of a model: an upscaled folder, or a source folder upscaled on load
+(--method tli --k 2 ...: the same plan as tli upscale, nothing written first). The model is built on
+the meta device and each rank reads only its own shards' bytes. Data: --text FILE, --data FILE.npy|.pt
+of token ids, or --data with .txt / .jsonl / .parquet files or a datasets folder (tokenised on the fly,
+each rank reading its own part); by default the built-in King James train split. Checkpoints in
+OUTPUT/step-NNNNNN: sharded training state (torch.distributed.checkpoint, sha256-checked on --resume)
+plus, at the end of a run, a Hugging Face export (alpha folded). --resume continues the newest one
+with the same loss curve, also on another world size (keep --global-batch).
 Multi-GPU: torchrun --nproc-per-node 8 -m tli_kernels.cli.main train ... (FSDP2).
+--dry-run --world-size N: per-rank memory and bytes read, nothing loaded.
 """
+METHODS = ("tli", "dus", "block-expansion", "stack", "passthrough", "moe-upcycle")  # = methods.METHODS (tested)
+METHOD_FLAGS = ("k", "init", "alpha", "m", "times", "layers", "experts", "top_k")
 
 
 def add_training_parsers(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +34,33 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("model", metavar="MODEL", help="model folder (e.g. the output of tli upscale)")
     t.add_argument("--output", "-o", metavar="DIR", help="checkpoint folder (without it nothing is saved)")
+    u = t.add_argument_group("upscale on load (MODEL is the source; as tli upscale, nothing written)")
+    u.add_argument("--method", choices=METHODS, help="upscaling method applied while loading")
+    u.add_argument("--k", type=int, help="tli / block-expansion: inject one layer after every K layers")
+    u.add_argument("--init", choices=["copy", "average", "zero", "random"], help="tli: injected layer weights")
+    u.add_argument("--alpha", type=float, help="tli: residual-branch scale of the injected layers")
+    u.add_argument("--m", type=int, help="dus: layers [0, N-m) then [m, N)")
+    u.add_argument("--times", type=int, help="stack: repeat the whole stack T times")
+    u.add_argument("--layers", help="passthrough: layer list such as 0-15,8-23")
+    u.add_argument("--experts", type=int, help="moe-upcycle: experts per layer")
+    u.add_argument("--top-k", dest="top_k", type=int, help="moe-upcycle: experts per token")
+    u.add_argument("--init-seed", type=int, metavar="N", default=0, help="seed of random initialisations (default 0)")
     d = t.add_argument_group("data")
     d.add_argument("--text", dest="text_file", metavar="FILE", help="training text (default: King James train split)")
-    d.add_argument("--data", dest="data_file", metavar="FILE", help="training token ids, a 1-D .npy or .pt")
+    d.add_argument(
+        "--data",
+        dest="data_file",
+        metavar="PATH",
+        help="token ids (.npy / .pt), or documents: .txt, .jsonl, .parquet, a folder of them, or a datasets folder",
+    )
+    d.add_argument("--text-field", default="text", help="JSONL / Parquet / datasets field of the text (default text)")
+    d.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.01,
+        metavar="X",
+        help="share of --data documents held out for evaluation (its end; default 0.01)",
+    )
     d.add_argument("--eval-text", dest="eval_text_file", metavar="FILE", help="held-out text")
     d.add_argument("--eval-data", dest="eval_data_file", metavar="FILE", help="held-out token ids (.npy / .pt)")
     d.add_argument("--seq-len", type=int, metavar="N", default=256, help="tokens per window (default 256)")
@@ -40,6 +71,12 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
         "--micro-batch", type=int, metavar="N", default=4, help="windows per forward per process (default 4)"
     )
     o.add_argument("--accum", type=int, metavar="N", default=1, help="gradient accumulation micro-steps (default 1)")
+    o.add_argument(
+        "--global-batch",
+        type=int,
+        metavar="N",
+        help="windows per optimizer step; sets --accum to N / (micro-batch x world size), which must divide",
+    )
     o.add_argument("--lr", type=float, metavar="X", default=1e-4, help="peak learning rate (default 1e-4)")
     o.add_argument("--warmup", type=int, metavar="N", default=10, help="linear warm-up steps (default 10)")
     o.add_argument(
@@ -58,6 +95,11 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--alpha-lr", type=float, metavar="X", help="learning rate of the residual scales (default 100 x --lr)"
     )
+    o.add_argument("--beta1", type=float, metavar="X", default=0.9, help="AdamW beta1 (default 0.9)")
+    o.add_argument("--beta2", type=float, metavar="X", default=0.95, help="AdamW beta2 (default 0.95)")
+    o.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each layer in backward (saves memory)"
+    )
     r = t.add_argument_group("evaluation and checkpoints")
     r.add_argument(
         "--eval-every", type=int, metavar="N", default=50, help="held-out loss every N steps (default 50; 0: ends)"
@@ -69,11 +111,22 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--stop-after", type=int, metavar="STEP", help="stop (and save) after STEP; finish with --resume")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    r.add_argument(
+        "--export",
+        choices=["final", "every", "none"],
+        default="final",
+        help="Hugging Face export into the checkpoint: at the end of each run (default), at every save, or never",
+    )
+    r.add_argument(
+        "--save-dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep", help="dtype of the exported weights"
+    )
     h = t.add_argument_group("hardware")
     h.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     h.add_argument("--kernels", action="store_true", help="use the tli Triton kernels (GPU)")
     h.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
-    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.add_argument("--quiet", action="store_true", help="no progress bars")
+    h.add_argument("--dry-run", action="store_true", help="print per-rank memory and bytes read; load nothing")
+    h.add_argument("--world-size", type=int, metavar="N", help="--dry-run: ranks to plan for (default: this run's)")
     t.set_defaults(handler=cmd_train)
 
     s = sub.add_parser(
@@ -97,12 +150,29 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=cmd_study)
 
 
+def method_options(args: argparse.Namespace) -> dict:
+    """The method's own options given on the command line; a stray one is refused by make_plan."""
+    return {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k, None) is not None}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.quiet:  # before transformers is imported: its bars and hub downloads stay silent
+        import os
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from tli_kernels.training.trainer import TrainConfig, train
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    cfg = TrainConfig(**values, progress=not args.quiet)
+    cfg = TrainConfig(**values, method_options=method_options(args), progress=not args.quiet)
+    if args.world_size is not None and not args.dry_run:
+        raise ValueError("--world-size is for --dry-run (a real run takes its world size from torchrun)")
+    if args.dry_run:
+        from tli_kernels.training.dry_run import dry_run
+
+        print(dry_run(cfg, world=args.world_size).text())
+        return 0
     result = train(cfg)
     if not result.main_process:
         return 0

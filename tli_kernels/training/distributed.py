@@ -4,7 +4,9 @@ NCCL on GPUs, gloo on CPUs (how the tests run it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,20 +89,83 @@ def shard(trainee: nn.Module, runtime: Runtime, *, bf16: bool) -> None:
     fully_shard(trainee, **kwargs)
 
 
-def full_state_dicts(trainee: nn.Module, optimizer, runtime: Runtime) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts, whole and on the CPU, keyed by parameter name; collective under
-    FSDP2 (only rank 0 receives them then)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def agree(runtime: Runtime, fn, *args, **kwargs):
+    """Run fn on every rank, then make every rank fail if any did (with the first rank's message).
 
-    if not runtime.distributed:
-        model = {k: v.detach().cpu() for k, v in trainee.state_dict().items()}
-        return model, get_optimizer_state_dict(trainee, optimizer)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(trainee, options=options), get_optimizer_state_dict(trainee, optimizer, options=options)
+    Without this a rank that fails alone (a file it cannot read, a full disk) would leave the others
+    waiting forever in the next collective.
+    """
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except (ValueError, RuntimeError, OSError) as e:
+        error = e
+    if runtime.distributed:
+        message = None if error is None else f"{type(error).__name__}\t{one_line(error)}"
+        messages: list = [None] * runtime.world
+        dist.all_gather_object(messages, message)
+        failed = [(r, m) for r, m in enumerate(messages) if m]
+        if failed and error is None:
+            rank, text = failed[0]
+            kind, _, what = text.partition("\t")
+            raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank {rank}: {what}")
+    if error is not None:
+        raise error
+    return result
 
 
-def load_optimizer_state(trainee: nn.Module, optimizer, state: dict, runtime: Runtime) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
-    options = StateDictOptions(full_state_dict=True) if runtime.distributed else None
-    set_optimizer_state_dict(trainee, optimizer, state, options=options)
+
+# ------------------------------------------------------------------ DCP (sharded training state)
+def save_state(trainee: nn.Module, optimizer, path: str) -> None:
+    """Each rank writes its shards of the model and optimizer state into the folder path (DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(trainee, optimizer)
+    try:
+        with _single_process_is_fine():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    except BaseException as e:  # DCP's CheckpointException derives from BaseException
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise RuntimeError(f"cannot write the training state to {path}: {_first_failure(e)}") from None
+
+
+def load_state(trainee: nn.Module, optimizer, path: str) -> None:
+    """Fill the (sharded) model and optimizer from a DCP folder, resharding to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(trainee, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        with _single_process_is_fine():
+            dcp.load(state, checkpoint_id=path)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise RuntimeError(f"cannot read the training state in {path}: {_first_failure(e)}") from None
+    set_state_dict(trainee, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+@contextlib.contextmanager
+def _single_process_is_fine():
+    """DCP warns that it 'assumes' a single process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
+
+
+def _first_failure(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # CheckpointException: {rank: exception}
+    if isinstance(failures, dict) and failures:
+        rank, inner = sorted(failures.items())[0]
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        return f"rank {rank}: {one_line(inner) if isinstance(inner, BaseException) else inner}"
+    return one_line(e)

@@ -76,19 +76,26 @@ def scalar(p: torch.Tensor) -> float:
     return float(full.detach().float().reshape(-1)[0].item())
 
 
+def branch_tensor_names(layer: int, prefix: str = "model.layers") -> list[str]:
+    """The checkpoint tensors that carry layer's residual-branch scale (weights, then biases).
+
+    The one place that says which tensors alpha is folded into (Llama-family blocks); the
+    exporter and fold_into_state_dict both ask here.
+    """
+    return [f"{prefix}.{layer}.{path}.{kind}" for kind in ("weight", "bias") for path in BRANCH_OUTPUTS]
+
+
 def fold_into_state_dict(state: dict[str, torch.Tensor], scales: dict[int, float], prefix: str = "model.layers"):
     """Multiply each layer's o_proj / down_proj (weight and bias) by its scale, in a copy of the dict."""
     out = dict(state)
     for i, a in scales.items():
         if a == 1.0:
             continue
-        for path in BRANCH_OUTPUTS:
-            for kind in ("weight", "bias"):
-                key = f"{prefix}.{i}.{path}.{kind}"
-                if key in out:
-                    out[key] = out[key] * a
-                elif kind == "weight":
-                    raise KeyError(f"cannot fold alpha of layer {i}: the state dict has no {key}")
+        for key in branch_tensor_names(i, prefix):
+            if key in out:
+                out[key] = out[key] * a
+            elif key.endswith(".weight"):
+                raise KeyError(f"cannot fold alpha of layer {i}: the state dict has no {key}")
     return out
 
 

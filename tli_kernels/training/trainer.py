@@ -9,6 +9,7 @@ A accumulated micro-batches on one process sees the same windows as A ranks with
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import math
@@ -19,41 +20,46 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from tli_kernels import __version__
 from tli_kernels.training import checkpoints, distributed
-from tli_kernels.training.data import WindowOrder, heldout_ids, training_ids
-from tli_kernels.training.residual import (
-    Trainee,
-    alpha_parameters,
-    branch_weights,
-    decoder_layers,
-    fold_into_state_dict,
-    scalar,
-)
+from tli_kernels.training.distributed import agree
+from tli_kernels.training.export import export_model
+from tli_kernels.training.residual import Trainee, alpha_parameters, decoder_layers, scalar
+from tli_kernels.training.sharded_load import ModelSource, build_meta_model, fill_from_plan, materialize, open_source
 
 logger = logging.getLogger(__name__)
 
 TRAIN_CHOICES = ("all", "injected")
+STATE_FORMAT = 2
 # Fields that fix the loss curve: a resumed run must keep them (the rest may change between runs).
 TRAJECTORY_FIELDS = (
     "seq_len", "global_batch", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2",
-    "max_grad_norm", "train", "learnable_alpha", "alpha_lr", "seed", "text_file", "data_file",
+    "max_grad_norm", "train", "learnable_alpha", "alpha_lr", "seed", "text_file", "data_file", "text_field",
+    "heldout_fraction", "method", "method_options", "init_seed",
 )  # fmt: skip
+EXPORT_CHOICES = ("final", "every", "none")
 
 
 @dataclass
 class TrainConfig:
     model: str
     output: str | None = None  # checkpoints go to OUTPUT/step-NNNNNN; None: train and keep nothing
+    method: str | None = None  # upscale MODEL on load with this method (tli, dus, ...); None: load as is
+    method_options: dict = field(default_factory=dict)  # the method's options (k, init, alpha, m, ...)
+    init_seed: int = 0  # seed of the method's random initialisations (tli upscale --seed)
     text_file: str | None = None  # training text (default: the King James train split)
-    data_file: str | None = None  # or pre-tokenised ids (.npy / .pt)
+    data_file: str | None = None  # or token ids (.npy / .pt), or documents (.txt/.jsonl/.parquet/datasets dir)
+    text_field: str = "text"  # the text column of JSONL / Parquet / datasets documents
+    heldout_fraction: float = 0.01  # documents held out of --data when no --eval-* is given
     eval_text_file: str | None = None  # held-out text (default: the King James held-out split)
     eval_data_file: str | None = None
     seq_len: int = 256
     micro_batch: int = 4
     accum: int = 1
+    global_batch: int | None = None  # windows per step; sets accum = global / (micro_batch x world)
     steps: int = 100
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
@@ -65,10 +71,13 @@ class TrainConfig:
     train: str = "all"  # all | injected (LLaMA Pro style: only the injected layers learn)
     learnable_alpha: bool = False
     alpha_lr: float | None = None  # default: 100 x lr
+    activation_checkpointing: bool = False  # recompute each layer in backward (needed at 405B)
     eval_every: int = 50  # 0: evaluate only at the start and the end
     eval_tokens: int = 8192
     eval_batch: int = 8
     save_every: int = 0  # 0: save only at the end
+    export: str = "final"  # Hugging Face export: at the end of each run, at every save, or never
+    save_dtype: str = "keep"  # dtype of the exported weights (keep: the checkpoint's own)
     stop_after: int | None = None  # end this run after this step (a later --resume finishes)
     resume: bool = False
     seed: int = 0
@@ -78,34 +87,92 @@ class TrainConfig:
     progress: bool = True
 
     def check(self, world: int = 1) -> None:
-        for name in ("seq_len", "micro_batch", "accum", "steps", "eval_batch"):
-            if getattr(self, name) < (2 if name == "seq_len" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: too small")
-        for name in ("warmup", "eval_every", "save_every", "eval_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
-        if not self.lr > 0 or (self.alpha_lr is not None and not self.alpha_lr > 0):
-            raise ValueError(f"--lr {self.lr} / --alpha-lr {self.alpha_lr}: must be positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be between 0 and 1")
+        """Every option checked before anything is loaded: a one-line error naming the option."""
+        ints = {"seq_len": 2, "micro_batch": 1, "accum": 1, "steps": 1, "eval_batch": 1,
+                "warmup": 0, "eval_every": 0, "save_every": 0, "eval_tokens": 0, "seed": 0, "init_seed": 0}  # fmt: skip
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"--{_flag(name)} {value!r}: must be an integer")
+            if value < low:
+                raise ValueError(f"--{_flag(name)} {value}: must be at least {low}")
+        for name in ("threads", "global_batch", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{_flag(name)} {value!r}: must be an integer of at least 1")
+        _check_float("lr", self.lr, low=0.0, low_open=True)
+        if self.alpha_lr is not None:
+            _check_float("alpha-lr", self.alpha_lr, low=0.0, low_open=True)
+        _check_float("min-lr-ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        _check_float("weight-decay", self.weight_decay, low=0.0)
+        _check_float("max-grad-norm", self.max_grad_norm, low=0.0)
+        _check_float("beta1", self.beta1, low=0.0, high=1.0, high_open=True)
+        _check_float("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        _check_float("heldout-fraction", self.heldout_fraction, low=0.0, high=0.5, low_open=True)
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"--train {self.train!r}: choose one of {', '.join(TRAIN_CHOICES)}")
-        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+        if self.export not in EXPORT_CHOICES:
+            raise ValueError(f"--export {self.export!r}: choose one of {', '.join(EXPORT_CHOICES)}")
+        from tli_kernels.training.export import SAVE_DTYPES
+
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"--save-dtype {self.save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+        if self.stop_after is not None and self.stop_after > self.steps:
             raise ValueError(f"--stop-after {self.stop_after}: must be between 1 and --steps {self.steps}")
         if self.resume and not self.output:
             raise ValueError("--resume needs --output (where the checkpoints are)")
         if self.eval_tokens and self.eval_tokens < self.seq_len:
             raise ValueError(f"--eval-tokens {self.eval_tokens}: less than one window of --seq-len {self.seq_len}")
+        if self.method_options and not self.method:
+            raise ValueError(f"{', '.join('--' + _flag(k) for k in self.method_options)}: give --method as well")
+        if self.method is not None:
+            from tli_kernels.cli.main import METHOD_OPTIONS
+
+            if self.method not in METHOD_OPTIONS:
+                raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHOD_OPTIONS)}")
+            stray = [k for k in self.method_options if k not in METHOD_OPTIONS[self.method]]
+            if stray:
+                allowed = ", ".join("--" + _flag(o) for o in METHOD_OPTIONS[self.method])
+                raise ValueError(f"--{_flag(stray[0])} does not apply to --method {self.method} (it takes: {allowed})")
+        if self.global_batch is not None and self.global_batch % (self.micro_batch * world):
+            raise ValueError(
+                f"--global-batch {self.global_batch}: not divisible by --micro-batch {self.micro_batch} x world size "
+                f"{world}; choose a world size and micro-batch whose product divides it"
+            )
+
+    def accumulation(self, world: int) -> int:
+        """Micro-steps per optimizer step on this world size."""
+        if self.global_batch is None:
+            return self.accum
+        return self.global_batch // (self.micro_batch * world)
 
     def trajectory(self, world: int) -> dict:
         values = dataclasses.asdict(self)
-        values["global_batch"] = self.micro_batch * self.accum * world
+        values["global_batch"] = self.micro_batch * self.accumulation(world) * world
         values["alpha_lr"] = self.effective_alpha_lr
         return {k: values[k] for k in TRAJECTORY_FIELDS}
 
     @property
     def effective_alpha_lr(self) -> float:
         return self.alpha_lr if self.alpha_lr is not None else 100 * self.lr
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_float(flag: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
+    """Finite, in range, and still finite once float32 (the optimizer's arithmetic)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"--{flag} {value!r}: must be a number")
+    with np.errstate(over="ignore"):
+        as_float32 = float(np.float32(value))
+    if not math.isfinite(value) or not math.isfinite(as_float32):
+        raise ValueError(f"--{flag} {value}: must be a finite number (float32)")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"--{flag} {value}: must be {'greater than' if low_open else 'at least'} {low:g}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"--{flag} {value}: must be {'less than' if high_open else 'at most'} {high:g}")
 
 
 @dataclass
@@ -117,6 +184,7 @@ class TrainResult:
     steps_done: int = 0
     seconds: float = 0.0
     main_process: bool = True  # False on ranks other than 0 of a distributed run
+    bytes_read: int = 0  # source bytes this rank read to fill its shards (0 on resume)
 
     @property
     def final_heldout(self) -> float | None:
@@ -137,13 +205,6 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- building
-def _load(path: str, runtime: distributed.Runtime):
-    from tli_kernels.evaluation import load_causal_lm
-
-    lm, tokenizer = load_causal_lm(path, dtype=torch.float32)
-    return lm, tokenizer
-
-
 def _apply_kernels(lm, layers: list[int], learnable: bool) -> None:
     try:
         from tli_kernels.integrations.hf import apply_tli_kernels
@@ -184,22 +245,32 @@ def _optimizer(trainee: Trainee, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _rng_state() -> dict:
+    """RNG states as JSON (base64 bytes): nothing is unpickled on resume."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [name, base64.b64encode(keys.astype("<u4").tobytes()).decode(), pos, has_gauss, gauss],
     }
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_unb64(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((name, np.frombuffer(base64.b64decode(keys), dtype="<u4").copy(), pos, has_gauss, gauss))
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -241,37 +312,45 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         raise FileNotFoundError(f"MODEL {cfg.model}: no such folder")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        _quiet_transformers()
     started = time.perf_counter()
     cuda = runtime.device.type == "cuda"
+    if cfg.output:
+        agree(runtime, lambda: checkpoints.check_output_writable(cfg.output) if runtime.main else None)
+        agree(runtime, _check_output_shared, cfg.output, runtime)
 
+    # Everything about the model comes from its plan (headers only): nothing is read yet.
+    source = agree(runtime, open_source, cfg.model, cfg.method, cfg.method_options, seed=cfg.init_seed)
+    _check_same_plan(source, runtime)
     resume_from = checkpoints.latest_checkpoint(cfg.output) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume: no complete checkpoint (step-NNNNNN/{checkpoints.STATE_FILE}) in {cfg.output}")
-    state = checkpoints.read_state(resume_from) if resume_from else None
+        raise ValueError(f"--resume: no complete checkpoint (step-NNNNNN/{checkpoints.MANIFEST_FILE}) in {cfg.output}")
+    state = agree(runtime, _verified_state, resume_from, runtime) if resume_from else None
     if state is not None:
-        _check_resumable(cfg, state, runtime.world, resume_from)
+        _check_resumable(cfg, state, runtime.world, resume_from, source)
 
-    provenance = (
-        state["base_provenance"]
-        if state
-        else checkpoints.read_json(os.path.join(cfg.model, checkpoints.PROVENANCE_FILE))
-    )
+    provenance = source.provenance
     injected = checkpoints.injected_layers(provenance)
     if (cfg.train == "injected" or cfg.learnable_alpha) and not injected:
         what = "--train injected" if cfg.train == "injected" else "--learnable-alpha"
         raise ValueError(f"{what}: {cfg.model} has no injected layers (its {checkpoints.PROVENANCE_FILE} lists none)")
 
-    lm, tokenizer = _load(resume_from or cfg.model, runtime)
+    tokenizer = None if _only_token_ids(cfg) else _tokenizer(source)
+    accum = cfg.accumulation(runtime.world)
+    data = agree(runtime, _training_data, cfg, tokenizer, runtime, source)
+
+    lm = build_meta_model(source.config)
     learnable = injected if cfg.learnable_alpha else []
     if cfg.kernels:
         _apply_kernels(lm, learnable, bool(learnable))
+    if cfg.activation_checkpointing:
+        enable_checkpointing(lm)
     trainee = Trainee(lm, [] if cfg.kernels else learnable)
-    if state is not None:
-        _restore_alphas(trainee, state)
     _freeze(trainee, cfg.train, injected)
-    trainee.to(runtime.device)
     if runtime.distributed:
         distributed.shard(trainee, runtime, bf16=cuda)
+    materialize(trainee, runtime.device)
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and not runtime.distributed else (_no_autocast)
     )
@@ -283,35 +362,36 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     )
     result = TrainResult(main_process=runtime.main)
     start = 0
+    bytes_read = 0
     if state is not None:
-        distributed.load_optimizer_state(trainee, optimizer, state["optimizer"], runtime)
+        distributed.load_state(trainee, optimizer, os.path.join(resume_from, checkpoints.STATE_DIR))
+        _set_alphas(trainee, {int(i): a for i, a in state["alphas"].items()})
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start = state["step"]
         result.history, result.evals = list(state["history"]), list(state["evals"])
+        data.restore(state.get("data"))
+    else:
+        bytes_read = agree(runtime, fill_from_plan, trainee.lm, source)
+        _set_alphas(trainee, {i: 1.0 for i in alpha_parameters(trainee)})
 
-    train_ids, train_name = training_ids(tokenizer, text_file=cfg.text_file, data_file=cfg.data_file)
-    order = WindowOrder(train_ids, cfg.seq_len, cfg.seed)
-    heldout = None
-    if cfg.eval_tokens:
-        from tli_kernels.evaluation import windows
-
-        ids, heldout_name = heldout_ids(tokenizer, text_file=cfg.eval_text_file, data_file=cfg.eval_data_file)
-        heldout = windows(ids, cfg.seq_len, cfg.eval_tokens)
-    global_batch = cfg.micro_batch * cfg.accum * runtime.world
+    heldout = data.heldout
+    global_batch = cfg.micro_batch * accum * runtime.world
     tokens_per_step = global_batch * cfg.seq_len
     end = cfg.stop_after or cfg.steps
     trainable = [p for p in trainee.parameters() if p.requires_grad]
     described = {
-        "train_data": train_name,
-        "train_windows": order.num_windows,
-        "heldout_data": heldout_name if heldout is not None else None,
+        "train_data": data.name,
+        "train_windows": data.num_windows,
+        "heldout_data": data.heldout_name if heldout is not None else None,
         "heldout_tokens": int(heldout.numel()) if heldout is not None else 0,
+        "data_split": data.split,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "tokens_per_step": tokens_per_step,
+        "upscaled_on_load": source.method is not None,
     }
     if runtime.main:
-        logger.info("training %s: %s", cfg.model, described)
+        logger.info("training %s: %s (read %d source bytes on rank 0)", cfg.model, described, bytes_read)
 
     def evaluate(step: int) -> None:
         if heldout is None:
@@ -319,9 +399,10 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         loss = heldout_loss(trainee, heldout, runtime, cfg.eval_batch, autocast)
         result.evals.append({"step": step, "tokens": step * tokens_per_step, "heldout_loss": loss})
 
-    def save(step: int) -> None:
-        result.checkpoint = _save(cfg, runtime, trainee, optimizer, scheduler, tokenizer, provenance, result, step,
-                                  described)  # fmt: skip
+    def save(step: int, final: bool) -> None:
+        export = cfg.export == "every" or (cfg.export == "final" and final)
+        result.checkpoint = _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, step,
+                                  described, export)  # fmt: skip
 
     trainee.train()
     if start == 0:
@@ -331,15 +412,15 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         for step in range(start, end):
             t0 = time.perf_counter()
             losses = []
-            for micro in range(cfg.accum):
+            for micro in range(accum):
                 if runtime.distributed:
-                    trainee.set_requires_gradient_sync(micro == cfg.accum - 1)
-                x = order.batch(step, micro, micro_batch=cfg.micro_batch, accum=cfg.accum,
-                                rank=runtime.rank, world=runtime.world).to(runtime.device)  # fmt: skip
+                    trainee.set_requires_gradient_sync(micro == accum - 1)
+                x = data.batch(step, micro, micro_batch=cfg.micro_batch, accum=accum,
+                               rank=runtime.rank, world=runtime.world).to(runtime.device)  # fmt: skip
                 with autocast():
                     logits = trainee(x)
                 loss = lm_loss(logits, x)
-                (loss / cfg.accum).backward()
+                (loss / accum).backward()
                 losses.append(loss.detach())
             grad_norm = _clip(trainable, cfg.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
@@ -355,6 +436,8 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
                 "grad_norm": grad_norm,
                 "seconds": time.perf_counter() - t0,
             }
+            if not math.isfinite(entry["loss"]):
+                raise RuntimeError(f"step {done}: the training loss is {entry['loss']}; stopping (nothing saved)")
             result.history.append(entry)
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 evaluate(done)
@@ -365,18 +448,105 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             if cfg.output and ((cfg.save_every and done % cfg.save_every == 0) or done == end):
-                save(done)
+                save(done, final=done == end)
     finally:
         if bar is not None:
             bar.close()
     result.alphas = {i: scalar(p) for i, p in alpha_parameters(trainee).items()}
     result.steps_done = end
     result.seconds = time.perf_counter() - started
+    result.bytes_read = bytes_read
     return result
+
+
+def enable_checkpointing(lm) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, which FSDP2 and hooks work with)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _no_autocast():
     return torch.autocast("cpu", enabled=False)
+
+
+def _quiet_transformers() -> None:
+    """--quiet: no progress bars or info lines from transformers / huggingface_hub either."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _check_output_shared(output: str, runtime: distributed.Runtime) -> None:
+    """Every rank must see OUTPUT (DCP and the export write one folder from all ranks)."""
+    if not runtime.distributed:
+        return
+    token = os.path.join(output, ".tli-shared-check")
+    if runtime.main:
+        checkpoints.write_json(token, {"pid": os.getpid()})
+    runtime.barrier()
+    seen = os.path.isfile(token)
+    runtime.barrier()
+    if runtime.main:
+        os.unlink(token)
+    if not seen:
+        raise ValueError(f"--output {output}: not visible from rank {runtime.rank}; it must be on a shared file system")
+
+
+def _check_same_plan(source: ModelSource, runtime: distributed.Runtime) -> None:
+    if not runtime.distributed:
+        return
+    digests: list = [None] * runtime.world
+    dist.all_gather_object(digests, source.digest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"the ranks read different checkpoints at {source.path} (plan digests {sorted(set(digests))})"
+        )
+
+
+def _tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    folder = source.layout.path
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _only_token_ids(cfg: TrainConfig) -> bool:
+    """Training and held-out data are both token ids: no tokenizer needed (a folder may have none)."""
+    from tli_kernels.training.data import is_token_file
+
+    return is_token_file(cfg.data_file) and (not cfg.eval_tokens or is_token_file(cfg.eval_data_file))
+
+
+def _training_data(cfg: TrainConfig, tokenizer, runtime: distributed.Runtime, source: ModelSource):
+    from tli_kernels.training.data import TrainingData
+
+    return TrainingData.open(
+        tokenizer,
+        text_file=cfg.text_file,
+        data_file=cfg.data_file,
+        eval_text_file=cfg.eval_text_file,
+        eval_data_file=cfg.eval_data_file,
+        text_field=cfg.text_field,
+        heldout_fraction=cfg.heldout_fraction,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+        eval_tokens=cfg.eval_tokens,
+        global_batch=cfg.micro_batch * cfg.accumulation(runtime.world) * runtime.world,
+        vocab_size=int(source.config.get("vocab_size") or 0),
+        rank=runtime.rank,
+        world=runtime.world,
+        micro_batch=cfg.micro_batch,
+    )
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float | None:
@@ -396,27 +566,51 @@ def _bar(cfg: TrainConfig, runtime: distributed.Runtime, start: int, end: int):
     return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _restore_alphas(trainee: Trainee, state: dict) -> None:
-    """Put back the multipliers and the unfolded branch weights of learnable-alpha layers."""
+def _set_alphas(trainee: Trainee, values: dict[int, float]) -> None:
+    """Give every learnable alpha its value (1 at the start: the checkpoint already holds the old alpha)."""
     params = alpha_parameters(trainee)
-    saved = {int(i): a for i, a in state["alphas"].items()}
-    if set(saved) != set(params):
-        raise ValueError(f"the checkpoint has learnable alpha on layers {sorted(saved)}, this run on {sorted(params)}")
+    if set(values) != set(params):
+        raise ValueError(f"the checkpoint has learnable alpha on layers {sorted(values)}, this run on {sorted(params)}")
     with torch.no_grad():
         for i, p in params.items():
-            p.fill_(saved[i])
-        missing, unexpected = trainee.lm.load_state_dict(state["branch_weights"], strict=False)
-        if unexpected:
-            raise ValueError(f"the checkpoint's branch weights do not fit the model: {unexpected[:3]}")
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.fill_(float(values[i]))
 
 
-def _check_resumable(cfg: TrainConfig, state: dict, world: int, path: str) -> None:
+def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
+    """The checkpoint's state after every file's sha256 matched its manifest (ranks split the files)."""
+    manifest = checkpoints.read_manifest(path)
+    names = sorted(manifest["files"])
+    checkpoints.verify_files(path, manifest, names[runtime.rank :: runtime.world])
+    if checkpoints.STATE_FILE not in manifest["files"]:
+        raise ValueError(f"{path}: the manifest lists no {checkpoints.STATE_FILE}")
+    state_path = os.path.join(path, checkpoints.STATE_FILE)
+    state = checkpoints.read_json(state_path)
+    required = {"format": int, "step": int, "trajectory": dict, "scheduler": dict, "rng": dict, "alphas": dict,
+                "history": list, "evals": list, "plan_sha256": str}  # fmt: skip
+    for key, kind in required.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{state_path}: {key!r} missing or not a {kind.__name__}; not a tli training state")
+    if state["format"] != STATE_FORMAT:
+        raise ValueError(f"{state_path}: format {state['format']}, this tli reads {STATE_FORMAT}")
+    return state
+
+
+def _check_resumable(cfg: TrainConfig, state: dict, world: int, path: str, source: ModelSource) -> None:
     saved, now = state["trajectory"], cfg.trajectory(world)
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]]
     if changed:
+        hint = ""
+        if any(c.startswith("global_batch") for c in changed):
+            hint = " (on another world size keep the global batch: --global-batch, or --accum x world x --micro-batch)"
         raise ValueError(
             f"--resume from {path}: these settings differ from the run being resumed, which would change "
-            f"its loss curve: {'; '.join(changed)}"
+            f"its loss curve: {'; '.join(changed)}{hint}"
+        )
+    if state["plan_sha256"] != source.digest():
+        raise ValueError(
+            f"--resume from {path}: MODEL {cfg.model} (with its method options) is not the model this run started "
+            f"from (plan {state['plan_sha256'][:12]}, now {source.digest()[:12]})"
         )
     if state["step"] >= (cfg.stop_after or cfg.steps):
         raise ValueError(
@@ -424,37 +618,31 @@ def _check_resumable(cfg: TrainConfig, state: dict, world: int, path: str) -> No
         )
 
 
-def _save(cfg, runtime, trainee, optimizer, scheduler, tokenizer, provenance, result, step, described) -> str:
-    # The kernels' state-dict hook warns when alpha != 1 is left out of the state dict; here it is
-    # folded into the copy below, so the warning would mislead.
-    kernels_log = logging.getLogger("tli_kernels.modules.decoder_layer")
-    level = kernels_log.level
-    kernels_log.setLevel(logging.ERROR)
-    try:
-        model_state, optim_state = distributed.full_state_dicts(trainee, optimizer, runtime)
-    finally:
-        kernels_log.setLevel(level)
+def _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, step, described, export) -> str:
+    """Write OUTPUT/step-N (via step-N.tmp): DCP state from every rank, the JSON state, optionally the
+    HF export, and last the manifest with every file's sha256. Nothing is renamed into place unless
+    all of it was written, so --resume never sees a half-written checkpoint."""
     params = alpha_parameters(trainee)
     alphas = {i: scalar(p) for i, p in params.items()}  # collective under FSDP2: every rank calls it
-    path = checkpoints.step_dir(cfg.output, step)
-    if runtime.main:
-        lm_state = {
-            k[len("lm.") :]: v for k, v in model_state.items() if k.startswith("lm.") and "residual_scale" not in k
-        }
-        base = checkpoints.base_scales(provenance)
-        new_provenance = None
-        if provenance is not None:
-            effective = {i: base.get(i, 1.0) * alphas.get(i, 1.0) for i in checkpoints.injected_layers(provenance)}
-            new_provenance = {
-                **provenance,
-                "residual_scales": {str(i): a for i, a in effective.items()},
-                "alpha_folded": True,
-                "trained_steps": step,
-            }
+    final = checkpoints.step_dir(cfg.output, step)
+    tmp = final + checkpoints.TMP_SUFFIX
+    provenance = source.provenance
+    base = checkpoints.base_scales(provenance)
+
+    def prepare() -> None:
+        if runtime.main:
+            checkpoints.remove_quietly(tmp)
+            os.makedirs(tmp)
+
+    agree(runtime, prepare)
+    try:
+        distributed.save_state(trainee, optimizer, os.path.join(tmp, checkpoints.STATE_DIR))
         training = {
             "tool": "tli_kernels",
             "version": __version__,
             "base_model": os.path.abspath(cfg.model),
+            "method": cfg.method,
+            "method_options": cfg.method_options,
             "step": step,
             "tokens": step * described["tokens_per_step"],
             "config": dataclasses.asdict(cfg),
@@ -464,31 +652,50 @@ def _save(cfg, runtime, trainee, optimizer, scheduler, tokenizer, provenance, re
             "evals": result.evals,
             "last_loss": result.history[-1]["loss"] if result.history else None,
         }
-        state = {
-            "format": 1,
-            "step": step,
-            "trajectory": cfg.trajectory(runtime.world),
-            "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "data": {"seed": cfg.seed, "position": step * cfg.micro_batch * cfg.accum * runtime.world},
-            "alphas": {str(i): a for i, a in alphas.items()},
-            "branch_weights": branch_weights(lm_state, list(params)),
-            "base_provenance": provenance,
-            "history": result.history,
-            "evals": result.evals,
-        }
-        checkpoints.write_checkpoint(
-            path,
-            lm=trainee.lm,
-            model_state=fold_into_state_dict(lm_state, alphas),
-            tokenizer=tokenizer,
-            provenance=new_provenance,
-            training=training,
-            state=state,
-        )
-        checkpoints.write_json(
-            os.path.join(cfg.output, "history.json"), {"steps": result.history, "evals": result.evals}
-        )
-    runtime.barrier()
-    return path
+        if export:
+            new_provenance = None
+            if provenance is not None:
+                effective = {i: base.get(i, 1.0) * alphas.get(i, 1.0) for i in checkpoints.injected_layers(provenance)}
+                new_provenance = {
+                    **provenance,
+                    "residual_scales": {str(i): a for i, a in effective.items()},
+                    "alpha_folded": True,
+                    "trained_steps": step,
+                }
+            export_model(trainee.lm, source, tmp, runtime, scales=alphas, provenance=new_provenance,
+                         extra_json={checkpoints.TRAINING_FILE: training}, dtype=cfg.save_dtype)  # fmt: skip
+        data_state = data.state(step)
+
+        def finish() -> None:
+            if not runtime.main:
+                return
+            state = {
+                "format": STATE_FORMAT,
+                "step": step,
+                "trajectory": cfg.trajectory(runtime.world),
+                "plan_sha256": source.digest(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "data": data_state,
+                "alphas": {str(i): a for i, a in alphas.items()},
+                "history": result.history,
+                "evals": result.evals,
+                "exported": bool(export),
+            }
+            checkpoints.write_json(os.path.join(tmp, checkpoints.STATE_FILE), state)
+            if not export:
+                checkpoints.write_json(os.path.join(tmp, checkpoints.TRAINING_FILE), training)
+            names = [os.path.relpath(os.path.join(r, f), tmp) for r, _, fs in os.walk(tmp) for f in fs]
+            files = checkpoints.describe_files(tmp, sorted(names))
+            checkpoints.write_manifest(tmp, step, files, source.digest())
+            checkpoints.replace_dir(tmp, final)
+            checkpoints.write_json(
+                os.path.join(cfg.output, "history.json"), {"steps": result.history, "evals": result.evals}
+            )
+
+        agree(runtime, finish)
+    except BaseException:
+        if runtime.main:
+            checkpoints.remove_quietly(tmp)
+        raise
+    return final

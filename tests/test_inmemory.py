@@ -59,3 +59,19 @@ def test_upscale_model_refuses_what_the_disk_path_refuses(source):
         upscale_model(model, "tli", k=9)
     with pytest.raises(ValueError, match="--method 'nope'"):
         upscale_model(model, "nope")
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "gpt_neox", "qwen3_moe", "olmo2"])
+def test_upscale_model_for_other_families(tmp_path, model_type):
+    from transformers import AutoModelForCausalLM
+
+    from tests.architectures.models import FAMILIES, build_model, save_model
+
+    model = build_model(FAMILIES[model_type])
+    src = save_model(model, str(tmp_path / "src"))
+    options = {"k": 2, "init": "copy", "alpha": 0.375}
+    big = upscale_model(model, "tli", **options)
+    upscale(src, str(tmp_path / "out"), "tli", options=options)
+    disk = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    a, b = big.state_dict(), disk.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,13 +1,17 @@
-"""Hook-applied residual scales: scaling both branches of a layer by m is the same model as
-multiplying its o_proj / down_proj by m (what a checkpoint stores)."""
+"""Hook-applied residual scales: scaling both branches of a layer by m is the same model as folding
+m into its weights (what a checkpoint stores): o_proj / down_proj in a Llama block, the post norms
+of Gemma2, GPT-2's c_proj weights and biases, every expert of Mixtral."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from tli_kernels.training.residual import Trainee, alpha_parameters, branch_weights, fold_into_state_dict
+from tests.architectures.models import FAMILIES, build_model
+from tli_kernels.architectures import BY_MODEL_TYPE
+from tli_kernels.training.residual import Trainee, alpha_parameters, fold_into_state_dict, layer_prefix
 
 
 def _tiny(layers=4):
@@ -21,25 +25,23 @@ def _tiny(layers=4):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_hooks_equal_folded_weights_and_keep_the_state_dict_stock():
-    lm = _tiny()
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "mixtral"])
+def test_hooks_equal_folded_weights_and_keep_the_state_dict_stock(model_type):
+    lm = build_model(FAMILIES[model_type])
     reference = copy.deepcopy(lm)
     keys = set(lm.state_dict())
     trainee = Trainee(lm, [1, 3])
-    x = torch.randint(0, 64, (2, 16))
+    x = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         assert torch.equal(trainee(x), reference(input_ids=x).logits)  # m = 1: nothing changes
         trainee.residual_scales["1"].fill_(0.25)
         trainee.residual_scales["3"].fill_(-2.0)
         scales = {i: float(p) for i, p in alpha_parameters(trainee).items()}
         assert scales == {1: 0.25, 3: -2.0}
-        reference.load_state_dict(fold_into_state_dict(reference.state_dict(), scales))
+        arch, prefix = BY_MODEL_TYPE[model_type], layer_prefix(reference)
+        reference.load_state_dict(fold_into_state_dict(reference.state_dict(), scales, arch, prefix))
         torch.testing.assert_close(trainee(x), reference(input_ids=x).logits, rtol=1e-5, atol=1e-5)
     assert set(trainee.lm.state_dict()) == keys  # the scales are not in the model's state dict
-    assert set(branch_weights(lm.state_dict(), [3])) == {
-        "model.layers.3.self_attn.o_proj.weight",
-        "model.layers.3.mlp.down_proj.weight",
-    }
 
 
 def test_scale_gradient_flows():

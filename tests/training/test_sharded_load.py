@@ -143,3 +143,19 @@ def test_provenance_that_does_not_fit_is_named(tmp_path):
         f.write('{"injected_layers": [1, 99]}')
     with pytest.raises(ValueError, match="tli_provenance.json: names injected layer 99, but the model has 2 layers"):
         open_source(src)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "falcon", "mixtral", "qwen3_moe", "qwen2_moe", "phi3"])
+def test_upscale_on_load_for_other_families(tmp_path, model_type):
+    """Every family's layout (prefixes, post norms, fused qkv, per-expert files -> fused 3-D expert
+    parameters) loads bit for bit as tli upscale + stock transformers would."""
+    from tests.architectures.models import FAMILIES, build_model, save_model
+
+    src = save_model(build_model(FAMILIES[model_type]), str(tmp_path / "src"), dtype=torch.bfloat16, shard="100KB")
+    options = {"k": 3, "init": "average", "alpha": 0.375}
+    reference = _reference(src, "tli", options, str(tmp_path / "out"))
+    model = load_model(open_source(src, "tli", options))
+    ref, got = reference.state_dict(), model.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

@@ -139,3 +139,23 @@ def test_train_parser_lists_every_method_and_option():
 
     assert cli.METHODS == tuple(METHODS)
     assert set(cli.METHOD_FLAGS) == {o for opts in METHOD_OPTIONS.values() for o in opts}
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "qwen3_moe"])
+def test_learnable_alpha_on_other_families_is_folded_where_the_rule_says(cfg, tmp_path, token_files, model_type):
+    """Upscale on load from a Gemma2 (alpha in the post norms, (1 + w)), GPT-2 (c_proj weights and
+    biases) and Qwen3-MoE (every expert) source, learn alpha, save: stock transformers loads the
+    checkpoint and computes the held-out loss the trainer measured, so alpha went where it acts."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.architectures.models import FAMILIES, build_model, save_model
+
+    src = save_model(build_model(FAMILIES[model_type]), str(tmp_path / "src"))
+    result = train(
+        cfg(model=src, method="tli", method_options={"k": 3, "init": "copy", "alpha": 0.5},
+            steps=4, learnable_alpha=True, lr=1e-2)
+    )  # fmt: skip
+    assert set(result.alphas) == {3, 7} and all(a != 1.0 for a in result.alphas.values())
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    held = windows(torch.from_numpy(np.load(token_files[1])), 32, 512)
+    assert mean_loss(model, held) == pytest.approx(result.evals[-1]["heldout_loss"], abs=1e-4)

@@ -1,5 +1,5 @@
-"""Fold residual scales (alpha) into a state dict with an architecture's rule: what `tli upscale`
-writes for an injected layer, applied to in-memory weights (training saves, kernels' fold).
+"""Fold residual scales (alpha) into weights with an architecture's rule: what `tli upscale` writes
+for an injected layer, applied to in-memory weights (training saves and exports, the kernels' fold).
 
 The arithmetic is the plan's (float32, then the tensor's dtype): branch outputs times alpha, or, where
 a norm follows the branch, the norm weight w -> (w + offset) * alpha - offset.
@@ -11,7 +11,8 @@ from tli_kernels.architectures.spec import Architecture
 
 
 def fold_tensor_names(arch: Architecture, suffixes) -> dict[str, str]:
-    """layer-relative tensor name -> 'scale' or 'norm', for the tensors alpha is folded into."""
+    """layer-relative tensor name -> 'scale' (a branch output) or 'norm' (a post norm), for the
+    tensors alpha is folded into."""
     out = {}
     post = arch.post_norms()
     for s in suffixes:
@@ -23,24 +24,38 @@ def fold_tensor_names(arch: Architecture, suffixes) -> dict[str, str]:
     return out
 
 
-def fold_into_state_dict(state: dict, scales: dict[int, float], arch: Architecture, prefix: str) -> dict:
-    """A copy of `state` with each layer i's alpha = scales[i] folded in (layers with alpha 1 untouched)."""
-    import torch
-
-    out = dict(state)
-    for i, alpha in scales.items():
-        if alpha == 1.0:
+def fold_factors(names, scales: dict[int, float], arch: Architecture, prefix: str) -> dict[str, tuple[float, float]]:
+    """{tensor name: (alpha, offset)} for every tensor a layer's alpha != 1 goes into; `names` are the
+    model's tensor names (in memory or on disk: the rule matches both)."""
+    names = list(names)
+    out = {}
+    for i, a in scales.items():
+        if a == 1.0:
             continue
         head = f"{prefix}.{i}."
-        roles = fold_tensor_names(arch, [k[len(head) :] for k in state if k.startswith(head)])
+        roles = fold_tensor_names(arch, [n[len(head) :] for n in names if n.startswith(head)])
         if not roles:
             raise KeyError(f"cannot fold alpha of layer {i}: no branch output of {arch.name} under {head}")
-        a = torch.tensor(alpha, dtype=torch.float32)
-        off = torch.tensor(arch.norm_offset, dtype=torch.float32)
         for suffix, role in roles.items():
-            key = head + suffix
-            w = state[key]
-            x = w.to(torch.float32)
-            x = (x + off) * a - off if role == "norm" and arch.norm_offset else x * a
-            out[key] = x.to(w.dtype)
+            out[head + suffix] = (float(a), arch.norm_offset if role == "norm" else 0.0)
+    return out
+
+
+def apply_fold(x, alpha: float, offset: float):
+    """The plan's arithmetic on a tensor, in float32: x * alpha, or (x + offset) * alpha - offset."""
+    import torch
+
+    a = torch.tensor(alpha, dtype=torch.float32)
+    x = x.to(torch.float32)
+    if offset:
+        off = torch.tensor(offset, dtype=torch.float32)
+        return (x + off) * a - off
+    return x * a
+
+
+def fold_into_state_dict(state: dict, scales: dict[int, float], arch: Architecture, prefix: str) -> dict:
+    """A copy of `state` with each layer i's alpha = scales[i] folded in (layers with alpha 1 untouched)."""
+    out = dict(state)
+    for key, (a, off) in fold_factors(state, scales, arch, prefix).items():
+        out[key] = apply_fold(state[key], a, off).to(state[key].dtype)
     return out

@@ -22,7 +22,7 @@ from tli_kernels.checkpoint.executor_python import PARTIAL_SUFFIX, _pwrite_all, 
 from tli_kernels.checkpoint.layout import CONFIG_NAME, INCOMPLETE_MARKER, INDEX_NAME, PROVENANCE_NAME
 from tli_kernels.checkpoint.plan import OutShard, OutTensor, SurgeryPlan, pack_shards, write_json_atomic
 from tli_kernels.training.distributed import Runtime, agree
-from tli_kernels.training.residual import branch_tensor_names
+from tli_kernels.training.residual import fold_factors
 from tli_kernels.training.sharded_load import CHUNK_ELEMENTS, ModelSource, Piece, bind, local_rows
 
 SAVE_DTYPES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
@@ -65,7 +65,8 @@ def export_model(
         p.tensor.name: (name, p) for name, pieces in bindings.items() for p in pieces
     }
     shards, repacked = export_shards(source.plan, set(where), dtype)
-    factors = {name: float(a) for i, a in scales.items() if a != 1.0 for name in branch_tensor_names(i)}
+    layout = source.layout
+    factors = fold_factors(source.plan.weight_map(), scales, layout.architecture, layout.layer_prefix)
     params = dict(lm.named_parameters())
 
     def lay_out() -> None:
@@ -131,7 +132,7 @@ def export_model(
     agree(runtime, finish)
 
 
-def _write_own_part(fd: int, path: str, pos: int, t: OutTensor, piece: Piece, param, factor: float | None) -> None:
+def _write_own_part(fd: int, path: str, pos: int, t: OutTensor, piece: Piece, param, factor: tuple | None) -> None:
     local, first = local_rows(param)
     rows = local.shape[0]
     if rows == 0:
@@ -147,6 +148,7 @@ def _write_own_part(fd: int, path: str, pos: int, t: OutTensor, piece: Piece, pa
         return
     for done in range(0, data.numel(), CHUNK_ELEMENTS):
         x = data[done : done + CHUNK_ELEMENTS].float().numpy()
-        if factor is not None:
-            x = x * np.float32(factor)
+        if factor is not None:  # (alpha, offset): the plan's arithmetic (residual.apply_fold)
+            alpha, off = np.float32(factor[0]), np.float32(factor[1])
+            x = (x + off) * alpha - off if factor[1] else x * alpha
         _pwrite_all(fd, f32_to_bytes(x, t.dtype), pos + (offset + done) * size, path)

@@ -1,12 +1,13 @@
 """Learnable residual scales (alpha) for injected layers on a stock transformers model.
 
-An upscaled checkpoint has its alpha folded into o_proj / down_proj, so training starts from a
-multiplier m = 1 per injected layer on both residual branches: x + m * o_proj(...), then
-+ m * down_proj(...). Without the tli kernels, m is applied by forward hooks on the two output
-projections (the branch output is exactly the projection's output in a pre-norm Llama block).
-The multipliers live in `Trainee.residual_scales`, next to the model and not inside it, so the
-model's state dict keeps the stock keys; on save they are folded into a copy of the weights and
-the provenance records the effective alpha (the old alpha times m).
+An upscaled checkpoint has its alpha folded into each branch's last linear map (or the post norm
+that follows the branch, for Gemma2/3 and OLMo2; tli_kernels/architectures), so training starts
+from a multiplier m = 1 per injected layer on both residual branches: x + m * Attn(...), then
++ m * MLP(...). Without the tli kernels, m is applied by forward hooks on the module whose output is
+the branch as it joins the residual stream (`branch_module`). The multipliers live in
+`Trainee.residual_scales`, next to the model and not inside it, so the model's state dict keeps the
+stock keys; on save they are folded into a copy of the weights with the plan's arithmetic and the
+provenance records the effective alpha (the old alpha times m).
 
 With the kernels (`apply_tli_kernels(..., learnable_alpha=True)`) alpha is a parameter
 `model.layers.{i}.residual_scale` instead; `alpha_parameters` finds either kind.
@@ -19,17 +20,38 @@ import re
 import torch
 from torch import nn
 
-BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
+from tli_kernels.architectures import BY_MODEL_TYPE, Architecture, resolve_architecture
+from tli_kernels.architectures.fold import fold_factors, fold_into_state_dict  # noqa: F401 (re-exported)
+from tli_kernels.architectures.spec import branch_module
+
 _HOOK_NAME = re.compile(r"^residual_scales\.(\d+)$")
 _KERNEL_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.residual_scale$")
 
 
+def model_architecture(model: nn.Module) -> Architecture:
+    """The architecture entry of an in-memory transformers model (a generic rule is proven first)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    arch = BY_MODEL_TYPE.get(model_type)
+    if arch is None:
+        names = [n for n, _ in model.named_parameters()]
+        arch = resolve_architecture(config.to_dict(), names, f"<{type(model).__name__} in memory>")
+    return arch
+
+
+def layer_prefix(model: nn.Module, arch: Architecture | None = None) -> str:
+    arch = arch or model_architecture(model)
+    for prefix in arch.layer_prefixes:
+        try:
+            if isinstance(model.get_submodule(prefix), nn.ModuleList):
+                return prefix
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(model).__name__}: found no decoder layer list at {' or '.join(arch.layer_prefixes)}")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: found no `model.layers` list of decoder layers")
-    return layers
+    return model.get_submodule(layer_prefix(model))
 
 
 class Trainee(nn.Module):
@@ -44,14 +66,17 @@ class Trainee(nn.Module):
         self.residual_scales = nn.ParameterDict(
             {str(i): nn.Parameter(torch.ones(1, dtype=torch.float32)) for i in hooked_layers}
         )
+        arch = model_architecture(lm)
         layers = decoder_layers(lm)
         for i in hooked_layers:
-            for path in BRANCH_OUTPUTS:
-                layers[i].get_submodule(path).register_forward_hook(self._scale_hook(str(i)))
+            for branch in ("attn", "mlp"):
+                layers[i].get_submodule(branch_module(arch, branch)).register_forward_hook(self._scale_hook(str(i)))
 
     def _scale_hook(self, key: str):
         # Look the parameter up at call time: FSDP2 swaps sharded and unsharded tensors in place.
         def hook(module, inputs, output):
+            if isinstance(output, tuple):  # attention blocks return (output, weights, ...)
+                return (output[0] * self.residual_scales[key].to(output[0].dtype),) + tuple(output[1:])
             return output * self.residual_scales[key].to(output.dtype)
 
         return hook
@@ -74,32 +99,3 @@ def scalar(p: torch.Tensor) -> float:
     """A one-element (possibly sharded) tensor as a float; collective for a DTensor, so call on every rank."""
     full = p.full_tensor() if hasattr(p, "full_tensor") else p
     return float(full.detach().float().reshape(-1)[0].item())
-
-
-def branch_tensor_names(layer: int, prefix: str = "model.layers") -> list[str]:
-    """The checkpoint tensors that carry layer's residual-branch scale (weights, then biases).
-
-    The one place that says which tensors alpha is folded into (Llama-family blocks); the
-    exporter and fold_into_state_dict both ask here.
-    """
-    return [f"{prefix}.{layer}.{path}.{kind}" for kind in ("weight", "bias") for path in BRANCH_OUTPUTS]
-
-
-def fold_into_state_dict(state: dict[str, torch.Tensor], scales: dict[int, float], prefix: str = "model.layers"):
-    """Multiply each layer's o_proj / down_proj (weight and bias) by its scale, in a copy of the dict."""
-    out = dict(state)
-    for i, a in scales.items():
-        if a == 1.0:
-            continue
-        for key in branch_tensor_names(i, prefix):
-            if key in out:
-                out[key] = out[key] * a
-            elif key.endswith(".weight"):
-                raise KeyError(f"cannot fold alpha of layer {i}: the state dict has no {key}")
-    return out
-
-
-def branch_weights(state: dict[str, torch.Tensor], layers: list[int], prefix: str = "model.layers") -> dict:
-    """The unfolded o_proj / down_proj tensors of `layers` (what resume needs besides the folded checkpoint)."""
-    keep = tuple(f"{prefix}.{i}.{path}." for i in layers for path in BRANCH_OUTPUTS)
-    return {k: v for k, v in state.items() if k.startswith(keep)}

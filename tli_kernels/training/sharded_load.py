@@ -64,7 +64,8 @@ class ModelSource:
 
     @property
     def num_layers(self) -> int:
-        return int(self.plan.config["num_hidden_layers"])
+        """Decoder layers of the model this source builds (the plan's map, or the folder's own)."""
+        return len(self.plan.layers) or self.layout.num_layers
 
     def digest(self) -> str:
         return self.plan.digest()
@@ -103,9 +104,7 @@ def open_source(
 
         plan = make_plan(layout, method, CommonOptions(dtype=dtype, seed=seed), **(options or {}))
         provenance = plan.provenance(__version__)
-    check_provenance(
-        provenance, int(plan.config.get("num_hidden_layers", 0)), os.path.join(layout.path, PROVENANCE_NAME)
-    )
+    check_provenance(provenance, len(plan.layers) or layout.num_layers, os.path.join(layout.path, PROVENANCE_NAME))
     return ModelSource(layout.path, plan, layout, provenance, method, dict(options or {}), snapshot)
 
 
@@ -256,9 +255,14 @@ class Piece:
     offset: int = 0
 
 
-# Checkpoint names -> transformers' fused parameters. Mixtral checkpoints keep one matrix per
-# expert (w1 = gate, w3 = up, w2 = down); transformers 5 stacks them into 3-D parameters on load.
-_MIXTRAL_EXPERT = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+# Checkpoint names -> transformers' fused parameters. MoE checkpoints keep one matrix per expert
+# (Mixtral: w1 = gate, w3 = up, w2 = down under block_sparse_moe; Qwen2/3-MoE: gate_proj, up_proj,
+# down_proj under mlp); transformers 5 stacks them into 3-D parameters on load: experts.down_proj
+# [E, hidden, I] and experts.gate_up_proj [E, 2I, hidden], gate rows first.
+_EXPERT = re.compile(
+    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(0|[1-9][0-9]*)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$"
+)
+_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _MIXTRAL_ROUTER = re.compile(r"^(.*)\.block_sparse_moe\.gate\.weight$")
 
 
@@ -302,12 +306,12 @@ def _place(t: OutTensor, shapes: dict[str, tuple]) -> tuple[str | None, Piece]:
                 f"tensor {t.name}: shape {list(t.shape)} in the checkpoint, {list(shapes[t.name])} in the model"
             )
         return t.name, Piece(t)
-    m = _MIXTRAL_EXPERT.match(t.name)
+    m = _EXPERT.match(t.name)
     if m:
-        prefix, expert, which = m.group(1), int(m.group(2)), m.group(3)
-        name = f"{prefix}.mlp.experts.{'down_proj' if which == 'w2' else 'gate_up_proj'}"
+        prefix, expert, part = m.group(1), int(m.group(2)), _EXPERT_PART[m.group(3)]
+        name = f"{prefix}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
         if name in shapes:
-            offset = t.shape[0] if which == "w3" else 0
+            offset = t.shape[0] if part == "up" else 0
             return name, Piece(t, index=expert, offset=offset)
     m = _MIXTRAL_ROUTER.match(t.name)
     if m and f"{m.group(1)}.mlp.gate.weight" in shapes:

@@ -195,7 +195,7 @@ def test_gqa_with_a_mask_takes_enable_gqa_where_torch_has_a_fused_kernel(as_if_o
     mask = _padding_mask(7, 7, "bool")
     out = attention(q, k, v, attn_mask=mask, causal=True)
     call = as_if_on_hopper[-1][1]
-    assert call == ({"k_heads": HK, "enable_gqa": True} if fused else {"k_heads": HQ, "enable_gqa": None})
+    assert call == ({"k_heads": HK, "enable_gqa": True} if fused else {"k_heads": HQ, "enable_gqa": False})
     assert_close(out, reference.attention(q, k, v, attn_mask=mask, causal=True), torch.float32, "out")
 
 

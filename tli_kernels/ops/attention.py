@@ -267,17 +267,16 @@ def _sdpa_arguments(q, k, v, attn_mask, causal, dropout_p):
 
 
 def _sdpa(q, k, v, attn_mask, causal, scale, dropout_p, mode: str) -> Tensor:
-    k, v, attn_mask, is_causal, enable_gqa = _sdpa_arguments(q, k, v, attn_mask, causal, dropout_p)
-    gqa = {"enable_gqa": True} if enable_gqa else {}
+    k, v, attn_mask, is_causal, gqa = _sdpa_arguments(q, k, v, attn_mask, causal, dropout_p)
     order = sdpa_priority(q, mode)
     if order is None:  # the common case: no context manager at all (decode calls this every token)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
     else:
         with _sdpa_order(order):
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **gqa
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
             )
     return out.transpose(1, 2)
 

@@ -534,7 +534,8 @@ def _rows(x: Tensor) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """weight * x / rms(x) over the last dimension (Hugging Face Llama numerics). Differentiable."""
-    _check_weight("rms_norm", x, weight)
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        _check_weight("rms_norm", x, weight)
     eps = float(eps)
     how = route(_rms_norm_fwd_kernel, x, weight)
     if how == REFERENCE:  # the reference takes any shape: no reshaping
@@ -556,7 +557,8 @@ def add_rms_norm(
 
     `alpha` is a float (a constant, applied in float32) or a one-element float32 tensor (e.g. a
     learnable scale, which then receives its gradient)."""
-    _check_weight("add_rms_norm", residual, weight)
+    if weight.dim() != 1 or residual.shape[-1] != weight.shape[0]:
+        _check_weight("add_rms_norm", residual, weight)
     if residual.shape != branch.shape:
         raise ValueError(
             f"add_rms_norm: residual {tuple(residual.shape)} and branch {tuple(branch.shape)} differ in shape"

@@ -7,15 +7,17 @@ as skipped):
      torch/cuDNN versions, switches, priority order, torch's choice for a stock call and for tli's;
   2. layer_8b: one Llama-3-8B decoder layer, bf16, batch 2 x 4096 tokens, forward and forward+backward:
      stock transformers, tli, tli with a learnable alpha (an injected layer), the stock layer under
-     tli's SDPA order (same attention kernel: the control), torch.compile(stock), Liger-Kernel's layer
-     when importable, and the GEMM+attention reference (seven unfused GEMMs + the best attention kernel
+     tli's SDPA order (same attention kernel: the control), Liger-Kernel's layer when importable, and
+     the GEMM+attention reference (seven unfused GEMMs + the best attention kernel
      alone); peak memory; bf16 errors of output and every gradient against a float32 layer with the
      same weights, each tli layer within 2x stock's own error;
   3. generate: greedy `generate()` tokens/s of a Llama-3.2-1B-shaped model (random weights, bf16), stock
      against `apply_tli_kernels`, batch 1 (no mask) and batch 4 left-padded (the masked GQA path);
   4. layer_1b: the same as 2 for Llama-3.2-1B's layer (no torch.compile);
-  5. kernels_8b: each tli kernel against the eager PyTorch ops at the 8B shape: eager-call and
-     kernel-only (profiler) times, GB/s.
+  5. layer_8b_compiled: torch.compile(stock) at the 8B shape, with what is left (its first compile
+     takes tens of seconds), merged into layer_8b's table;
+  6. kernels_8b: each tli kernel against the eager PyTorch ops at the 8B shape: eager-call and
+     kernel-only (profiler) times, GB/s (the suite has these too: last).
 
     python benchmarks/gpu_check.py --out DIR [--budget-s 170]     # GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke --out DIR   # CPU, tiny shapes, meaningless times
@@ -51,8 +53,11 @@ SMOKE = {
 
 
 class Budget:
-    def __init__(self, results: Results, seconds: float):
-        self.results, self.seconds = results, seconds
+    """Seconds left of the budget; runs a section only when it fits, and rewrites the markdown after
+    each one (the shell script's hard timeout may end the process in the last section)."""
+
+    def __init__(self, results: Results, seconds: float, markdown_path: Path):
+        self.results, self.seconds, self.markdown_path = results, seconds, markdown_path
 
     def left(self) -> float:
         return self.seconds - self.results.elapsed()
@@ -65,7 +70,11 @@ class Budget:
             self.results.put(key, {"skipped": why})
             self.results.save()
             return None
-        return self.results.section(key, fn, *args, **kwargs)
+        value = self.results.section(key, fn, *args, **kwargs)
+        self.results.put("wall_s", round(self.results.elapsed(), 1))
+        self.results.save()
+        self.markdown_path.write_text(markdown(self.results.data))
+        return value
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -228,21 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     bench = gk.Bench(results, device=device, dtype=dtype, warmup=3 if not args.smoke else 0, reps=reps,
                      max_sets=4 if not args.smoke else 1)  # fmt: skip
-    budget = Budget(results, budget_s)
+    budget = Budget(results, budget_s, out / "gpu_check.md")
     compiled = not args.no_compile and device.type == "cuda"
     print(f"tli gpu_check: {results.data['environment']['accelerator'] or 'CPU'} -> {out}", flush=True)
+    # The asked-for numbers first; torch.compile's first compile (tens of seconds) and the kernel table
+    # (the suite has it too) only with what is left.
     budget.run("sdpa", 0, sdpa_section, bench, cases)
     budget.run("rates", 5, gk.measure_rates, bench, **gk.RATES["smoke" if args.smoke else "full"])
     budget.run("layer_8b", 25, layer_section, bench, cases["layer_8b"], compiled=False, liger=not args.no_liger)
-    if compiled:  # torch.compile's first compile takes tens of seconds: only with time to spare
-        budget.run("layer_8b_compiled", 90, compiled_section, bench, cases["layer_8b"], results)
     budget.run("generate", 25, generate_section, bench, cases["generate"])
     if args.smoke:  # the same code as layer_8b and the suite's kernel section: not run twice in the interpreter
         for key in ("layer_1b", "kernels_8b"):
             results.put(key, {"skipped": "smoke run: the code path of layer_8b / gpu_kernels.measure_kernels"})
     else:
         budget.run("layer_1b", 20, layer_section, bench, cases["layer_1b"], compiled=False, liger=not args.no_liger)
-        budget.run("kernels_8b", 20, gk.measure_kernels, bench, cases["layer_8b"])
+    if compiled:
+        budget.run("layer_8b_compiled", 40, compiled_section, bench, cases["layer_8b"], results)
+    if not args.smoke:
+        budget.run("kernels_8b", 25, gk.measure_kernels, bench, cases["layer_8b"])
     results.put("wall_s", round(results.elapsed(), 1))
     results.save()
     text = markdown(results.data)

@@ -330,6 +330,8 @@ def sdpa_report(
         except Exception as error:  # recorded, not raised: a report must not fail the benchmark
             return f"{type(error).__name__}: {error}"
 
+    if q.device.type == "cuda":
+        _init_torch_priority(q)  # the order torch really uses, not the static one it starts from
     order_before = list(torch._C._get_sdp_priority_order()) if hasattr(torch._C, "_get_sdp_priority_order") else []
     backend = resolve_backend(q, attn_mask)
     groups = q.shape[1] // k.shape[1]

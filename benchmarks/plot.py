@@ -53,14 +53,14 @@ def plot_gpu(data: dict, path: str) -> str:
                 if pts:
                     label = f"{name} ({'fwd+bwd' if key == 'speedup_forward_backward' else 'fwd'})"
                     ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=label)
-        floor = []
+        reference = []
         for s in seqs:
             stock = cells[s]["layer"].get("stock", {}).get("forward_backward", {}).get("median_ms")
             f = cells[s].get("gemm_attention_reference", {}).get("reference_forward_backward_ms")
             if stock and f:
-                floor.append((s, stock / f))
-        if floor:
-            ax.plot(*zip(*floor), ":", marker="s", color="grey", label="GEMM+attention reference (fwd+bwd)")
+                reference.append((s, stock / f))
+        if reference:
+            ax.plot(*zip(*reference), ":", marker="s", color="grey", label="GEMM+attention reference (fwd+bwd)")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs, [str(s) for s in seqs])

@@ -7,6 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.tli-installed
+# Triton's CPU interpreter only where there is no CUDA: on a GPU the kernels must run compiled (with
+# TRITON_INTERPRET=1 there they would run in the interpreter, and tli_kernels refuses that).
+# Expanded when a recipe runs, after $(STAMP) has built the environment.
+INTERPRET = $(shell $(BIN)/python -c "import torch; print(0 if torch.cuda.is_available() else 1)")
 
 .PHONY: install demo test lint bench clean
 
@@ -25,16 +29,17 @@ demo: $(STAMP)
 	$(BIN)/tli demo --workdir build/demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The CPU-sized subset (~1-2 minutes): conversion vs cp on a 0.27 GB checkpoint, the kernels at tiny shapes.
 # Prints pytest-benchmark's tables, then ours with the ratios (also in build/bench/cpu_subset.md).
-# The GPU suite is one script: PYTHONPATH=. python benchmarks/gpu_suite.py --out DIR (see BENCHMARKS.md).
+# On a GPU: bash benchmarks/gpu_check.sh DIR (5 minutes) or PYTHONPATH=. python benchmarks/gpu_suite.py --out DIR
+# (see BENCHMARKS.md).
 bench: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q benchmarks --benchmark-only \
+	TRITON_INTERPRET=$(INTERPRET) $(BIN)/python -m pytest -q benchmarks --benchmark-only \
 		--benchmark-columns=min,median,max,rounds --benchmark-sort=name
 
 clean:

@@ -1,17 +1,19 @@
 """The tli kernels and the patched decoder layer on one GPU, against stock transformers, torch.compile,
-Liger-Kernel (when importable) and the floor, with bfloat16 correctness checks.
+Liger-Kernel (when importable) and the GEMM+attention reference, with bfloat16 correctness checks.
 
 This file holds the measurements (used by `gpu_suite.py` for its sweep over model shapes and sequence
 lengths) and, run as a script, measures one shape: a Llama-3-8B decoder layer (hidden 4096,
 intermediate 14336, 32 heads / 8 KV heads), batch 2 x 4096 tokens, bf16:
   * rates: the bf16 matmul rate (8192^3) and the device copy bandwidth (1 GiB copy, read + write);
   * kernels: each memory-bound tli kernel alone, forward and backward, against the eager PyTorch code
-    transformers runs, as time, bandwidth over the minimum bytes moved, and share of the copy bandwidth;
-    inputs rotate over enough sets to overflow L2 (benchmarks/harness.py);
+    transformers runs, as time (the eager call, launch included, and the kernels alone from the
+    profiler), bandwidth over the minimum bytes moved, and share of the copy bandwidth; inputs rotate
+    over enough sets to overflow L2 (benchmarks/harness.py);
   * layer: forward and forward+backward of the stock layer, the tli layer (also with the fused gate/up
-    projection), the stock and tli layers under torch.compile, Liger-Kernel's layer, and the floor (the
-    layer's GEMMs, timed and at the measured matmul rate, plus the attention kernel alone), with peak
-    memory;
+    projection), the stock and tli layers under torch.compile, Liger-Kernel's layer, the stock layer
+    under tli's SDPA backend order (a same-attention control) and the GEMM+attention reference (the
+    layer's seven GEMMs unfused, timed and at the measured matmul rate, plus the fastest attention
+    kernel alone: not a bound, a yardstick), with peak memory; what SDPA runs, inside and outside tli;
   * correctness: relative error (Frobenius) of output and every gradient against a float32 reference of
     the same weights; the tli layer passes when each error is below twice the stock bf16 layer's own.
 Results go to OUT/gpu_kernels.json (rewritten after every section, so a cut-off run keeps what it had)
@@ -42,11 +44,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
     Results,
     describe_environment,
+    device_time,
     fmt,
     fmt_ratio,
+    fp32_matmul_precision,
     markdown_table,
+    matmul_precision_flags,
     peak_memory,
     ratio,
+    refuse_interpreter_on_cuda,
     rotation_sets,
     time_fn,
 )
@@ -125,7 +131,17 @@ class Bench:
         self.warmup, self.reps, self.max_sets = warmup, reps, max_sets
 
     def time(self, fn, setup=None, inputs=None) -> dict:
+        """The eager call: launch and dispatch included (CUDA events around each call after a sync)."""
         return time_fn(fn, device=self.device, warmup=self.warmup, reps=self.reps, setup=setup, inputs=inputs)
+
+    def kernel_time(self, fn, setup=None, inputs=None) -> dict | None:
+        """The kernels alone (profiler device time per call); None off CUDA, the error if the profiler fails
+        (the eager-call column still stands)."""
+        try:
+            reps = max(3, self.reps // 3)
+            return device_time(fn, device=self.device, warmup=1, reps=reps, setup=setup, inputs=inputs)
+        except Exception as error:
+            return {"error": f"{type(error).__name__}: {error}"}
 
     def sets(self, bytes_per_set: int) -> int:
         """How many input sets to rotate (enough to overflow the last-level cache)."""
@@ -142,7 +158,7 @@ class Bench:
     def cuda_flags(self) -> dict:
         if self.device.type != "cuda":
             return {}
-        return {"allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+        return matmul_precision_flags()
 
 
 # ---------------------------------------------------------------------------------------- rates
@@ -265,17 +281,25 @@ def _measure_impl(bench: Bench, fn, sets, ref_outs, ref_grads, grad_outs, kc: Ke
     forward = bench.time(fn, inputs=sets)
     backward_time = bench.time(backward, inputs=graphs)
     entry = {
-        "forward": forward,
+        "forward": forward,  # eager call: launch and dispatch included
         "backward": backward_time,
+        "forward_kernel_only": bench.kernel_time(fn, inputs=sets),
+        "backward_kernel_only": bench.kernel_time(backward, inputs=graphs),
         "forward_gb_per_s": kc.forward_bytes / (forward["median_ms"] / 1e3) / 1e9,
         "backward_gb_per_s": kc.backward_bytes / (backward_time["median_ms"] / 1e3) / 1e9,
         "forward_rel_error": max(rel_error(o, r) for o, r in zip(graphs[0][0], ref_outs, strict=True)),
         "backward_rel_error": max(rel_error(g, r) for g, r in zip(grads, ref_grads, strict=True)),
     }
+    for direction, moved in (("forward", kc.forward_bytes), ("backward", kc.backward_bytes)):
+        kernel = entry[f"{direction}_kernel_only"] or {}
+        if kernel.get("kernel_ms", 0) > 0:
+            entry[f"{direction}_kernel_only_gb_per_s"] = moved / (kernel["kernel_ms"] / 1e3) / 1e9
     copy_bw = bench.rates.get("copy_gb_per_s")
     if copy_bw:
-        entry["forward_share_of_copy_bw"] = entry["forward_gb_per_s"] / copy_bw
-        entry["backward_share_of_copy_bw"] = entry["backward_gb_per_s"] / copy_bw
+        for key in ("forward_gb_per_s", "backward_gb_per_s", "forward_kernel_only_gb_per_s",
+                    "backward_kernel_only_gb_per_s"):  # fmt: skip
+            if key in entry:
+                entry[key.replace("gb_per_s", "share_of_copy_bw")] = entry[key] / copy_bw
     return entry
 
 
@@ -390,11 +414,10 @@ def liger_rope(rope_fn, counter: list):
         modeling_llama.apply_rotary_pos_emb = saved
 
 
-def check_correctness(bench: Bench, layers: Layers, case: Case, extra: dict) -> dict:
-    """Relative errors of bf16 layers against the float32 reference; tli must stay within 2x stock."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
-    try:
+def check_correctness(bench: Bench, layers: Layers, case: Case, extra: dict, judged: tuple = ()) -> dict:
+    """Relative errors of bf16 layers against the float32 reference; each tli layer (tli, tli_fused_gate_up
+    and the `judged` names among `extra`) must stay within 2x stock's."""
+    with fp32_matmul_precision("ieee"):  # a true float32 reference (no TF32)
         inputs = layers.inputs(case)
         reference = copy.deepcopy(layers.stock).float()  # the bf16 weights, computed in float32
         ref_out, ref_grads = layers.run(reference, inputs, fp32=True)
@@ -410,14 +433,13 @@ def check_correctness(bench: Bench, layers: Layers, case: Case, extra: dict) -> 
             with context():
                 out, grads = layers.run(layer, inputs)
             errors[name] = {"output": rel_error(out, ref_out)}
-            errors[name].update({f"grad:{k}": rel_error(g, ref_grads[k]) for k, g in grads.items()})
+            # (a learnable alpha's gradient has no counterpart in the stock layer: not compared)
+            errors[name].update({f"grad:{k}": rel_error(g, ref_grads[k]) for k, g in grads.items() if k in ref_grads})
             del out, grads
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     slack = 1e-6  # float noise floor, so an exact (zero-error) stock layer does not fail a float32 smoke run
     failures = {
         f"{name}/{key}": {"error": value, "stock": errors["stock"][key]}
-        for name in ("tli", "tli_fused_gate_up")
+        for name in ("tli", "tli_fused_gate_up", *judged)
         for key, value in errors[name].items()
         if value > 2 * errors["stock"][key] + slack
     }
@@ -509,8 +531,10 @@ def _time_gemms(bench: Bench, gemms: list, tokens: int) -> dict:
     }
 
 
-def measure_floor(bench: Bench, case: Case) -> dict:
-    """The layer's GEMMs (timed alone, and at the measured matmul rate) plus the attention alone."""
+def measure_gemm_attention_reference(bench: Bench, case: Case) -> dict:
+    """The GEMM+attention reference: the layer's seven GEMMs timed alone, unfused (and at the measured
+    matmul rate), plus the fastest attention kernel alone. Not a bound (a fused QKV or gate/up GEMM can
+    beat it): the time a layer would take if everything outside its GEMMs and attention were free."""
     from tli_kernels import ops
 
     d, dev, dt = case.dims, bench.device, bench.dtype
@@ -560,25 +584,30 @@ def measure_floor(bench: Bench, case: Case) -> dict:
     if timed:
         best_fwd = min(a["forward"]["median_ms"] for a in timed)
         best_fwd_bwd = min(a["forward_backward"]["median_ms"] for a in timed)
-        result["floor_forward_ms"] = result["gemm_forward"]["median_ms"] + best_fwd
-        result["floor_forward_backward_ms"] = result["gemm_forward_backward"]["median_ms"] + best_fwd_bwd
+        result["reference_forward_ms"] = result["gemm_forward"]["median_ms"] + best_fwd
+        result["reference_forward_backward_ms"] = result["gemm_forward_backward"]["median_ms"] + best_fwd_bwd
         if rate:
-            result["floor_forward_at_rate_ms"] = result["gemm_forward_at_rate_ms"] + best_fwd
-            result["floor_forward_backward_at_rate_ms"] = result["gemm_forward_backward_at_rate_ms"] + best_fwd_bwd
+            result["reference_forward_at_rate_ms"] = result["gemm_forward_at_rate_ms"] + best_fwd
+            result["reference_forward_backward_at_rate_ms"] = result["gemm_forward_backward_at_rate_ms"] + best_fwd_bwd
     return result
 
 
-def layer_configs(bench: Bench, layers: Layers, *, compiled: bool, extra: dict, sdpa_default: bool) -> dict:
-    """name -> (layer, context) for the layer timings."""
+def layer_configs(bench: Bench, layers: Layers, *, compiled: bool, extra: dict, case: Case | None = None) -> dict:
+    """name -> (layer, context) for the layer timings. Where tli's attention reorders SDPA's backends
+    for this case's shape, two controls: the stock layer under tli's order (same attention kernel) and
+    tli under torch's own order, so the table separates the attention backend from the kernels."""
+    from tli_kernels import ops
+
     configs = {
         "stock": (layers.stock, contextlib.nullcontext),
         "tli": (layers.tli, contextlib.nullcontext),
         "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
     }
-    if sdpa_default:
-        from tli_kernels import ops
-
-        configs["tli_sdpa_default_order"] = (layers.tli, lambda: ops.attention_backend("sdpa"))
+    if case is not None:
+        q = attention_query(bench, case)
+        if ops.sdpa_priority(q) is not None:
+            configs["stock_under_tli_sdpa_order"] = (layers.stock, lambda q=q: ops.tli_sdpa_order(q))
+            configs["tli_under_torch_sdpa_order"] = (layers.tli, lambda: ops.attention_backend("sdpa"))
     configs.update(extra)
     if compiled:
         configs["stock_compiled"] = (torch.compile(layers.stock), contextlib.nullcontext)
@@ -599,10 +628,11 @@ def liger_extra(bench: Bench, layers: Layers, enabled: bool) -> tuple[dict, list
 
 
 # --------------------------------------------------------------------------------------- tables
-def layer_rows(label: str, layer: dict, floor: dict) -> list[list]:
-    """Rows of the layer table: times, speed-up over stock (same run), distance to the floor, peak memory."""
+def layer_rows(label: str, layer: dict, reference: dict) -> list[list]:
+    """Rows of the layer table: times, speed-up over stock (same run), time over the GEMM+attention
+    reference, peak memory."""
     rows = []
-    floor_f, floor_fb = floor.get("floor_forward_ms"), floor.get("floor_forward_backward_ms")
+    ref_f, ref_fb = reference.get("reference_forward_ms"), reference.get("reference_forward_backward_ms")
     for name, entry in layer.items():
         if "forward" not in entry:
             rows.append([label, name, entry.get("error", "n/a"), "", "", "", "", "", ""])
@@ -611,41 +641,72 @@ def layer_rows(label: str, layer: dict, floor: dict) -> list[list]:
         peak = entry.get("peak_memory_bytes")
         rows.append([
             label, name, fmt(f), fmt(fb), fmt_ratio(entry.get("speedup_forward")),
-            fmt_ratio(entry.get("speedup_forward_backward")), fmt_ratio(ratio(f, floor_f)),
-            fmt_ratio(ratio(fb, floor_fb)), fmt(peak / 2**20 if peak is not None else None, ".0f"),
+            fmt_ratio(entry.get("speedup_forward_backward")), fmt_ratio(ratio(f, ref_f)),
+            fmt_ratio(ratio(fb, ref_fb)), fmt(peak / 2**20 if peak is not None else None, ".0f"),
         ])  # fmt: skip
-    if floor_f is not None:
-        rows.append([label, "floor: GEMMs timed + best attention", fmt(floor_f), fmt(floor_fb), "", "", "", "", ""])
-    if "floor_forward_at_rate_ms" in floor:
+    if ref_f is not None:
+        rows.append([label, "reference: unfused GEMMs timed + best attention", fmt(ref_f), fmt(ref_fb),
+                     "", "", "1.00x", "1.00x", ""])  # fmt: skip
+    if "reference_forward_at_rate_ms" in reference:
         rows.append([
-            label, "floor: GEMMs at the matmul rate + attention", fmt(floor["floor_forward_at_rate_ms"]),
-            fmt(floor["floor_forward_backward_at_rate_ms"]), "", "", "", "", "",
+            label, "reference: GEMMs at the measured matmul rate + best attention",
+            fmt(reference["reference_forward_at_rate_ms"]), fmt(reference["reference_forward_backward_at_rate_ms"]),
+            "", "", "", "", "",
         ])  # fmt: skip
     return rows
 
 
 LAYER_HEADERS = ["case", "layer", "fwd ms", "fwd+bwd ms", "fwd speed-up vs stock", "fwd+bwd speed-up vs stock",
-                 "fwd / floor", "fwd+bwd / floor", "peak MiB (fwd+bwd)"]  # fmt: skip
-KERNEL_HEADERS = ["case", "kernel", "tli fwd ms", "stock fwd ms", "fwd speed-up", "tli bwd ms", "stock bwd ms",
-                  "bwd speed-up", "tli fwd GB/s (share of copy)", "tli bwd GB/s (share)",
-                  "rel err vs fp32 fwd, tli / stock"]  # fmt: skip
+                 "fwd / GEMM+attn ref", "fwd+bwd / GEMM+attn ref", "peak MiB (fwd+bwd)"]  # fmt: skip
+KERNEL_HEADERS = ["case", "kernel", "tli fwd ms: eager call / kernel only", "stock fwd ms: eager / kernels",
+                  "fwd speed-up (eager)", "tli bwd ms: eager / kernel", "stock bwd ms: eager / kernels",
+                  "bwd speed-up (eager)", "tli fwd GB/s, kernel only (share of copy)",
+                  "tli bwd GB/s, kernel only (share)", "rel err vs fp32 fwd, tli / stock"]  # fmt: skip
+
+
+def _ms_pair(entry: dict, direction: str) -> str:
+    kernel = entry.get(f"{direction}_kernel_only") or {}
+    return f"{fmt(entry[direction]['median_ms'], '.4f')} / {fmt(kernel.get('kernel_ms'), '.4f')}"
+
+
+def _gb(entry: dict, direction: str) -> str:
+    key = f"{direction}_kernel_only_gb_per_s"
+    if key not in entry:  # off CUDA: no kernel-only time
+        key = f"{direction}_gb_per_s"
+    share = entry.get(key.replace("gb_per_s", "share_of_copy_bw"))
+    return f"{entry[key]:.0f} ({fmt(share, '.0%')})"
 
 
 def kernel_rows(label: str, kernels: dict) -> list[list]:
+    """Kernel table rows. "eager call" brackets each call with CUDA events after a sync (Python and
+    launch included); "kernel only" is the profiler's device time of the kernels it launched."""
     rows = []
     for name, entry in kernels.items():
         if not isinstance(entry, dict) or "tli" not in entry:
             continue
         tli, eager = entry["tli"], entry["eager"]
         rows.append([
-            label, name, fmt(tli["forward"]["median_ms"], ".4f"), fmt(eager["forward"]["median_ms"], ".4f"),
-            fmt_ratio(entry.get("speedup_forward")), fmt(tli["backward"]["median_ms"], ".4f"),
-            fmt(eager["backward"]["median_ms"], ".4f"), fmt_ratio(entry.get("speedup_backward")),
-            f"{tli['forward_gb_per_s']:.0f} ({fmt(tli.get('forward_share_of_copy_bw'), '.0%')})",
-            f"{tli['backward_gb_per_s']:.0f} ({fmt(tli.get('backward_share_of_copy_bw'), '.0%')})",
+            label, name, _ms_pair(tli, "forward"), _ms_pair(eager, "forward"), fmt_ratio(entry.get("speedup_forward")),
+            _ms_pair(tli, "backward"), _ms_pair(eager, "backward"), fmt_ratio(entry.get("speedup_backward")),
+            _gb(tli, "forward"), _gb(tli, "backward"),
             f"{tli['forward_rel_error']:.2e} / {eager['forward_rel_error']:.2e}",
         ])  # fmt: skip
     return rows
+
+
+def attention_lines(record: dict | None) -> list[str]:
+    """What SDPA ran (markdown), from `attention_record`."""
+    if not isinstance(record, dict) or "training" not in record:
+        return []
+    lines = []
+    for name, r in record.items():
+        lines.append(
+            f"- SDPA, {name} shape (q {r['shape']['q']}, kv {r['shape']['k']}): torch {r['torch']}, cuDNN "
+            f"{r['cudnn']}, enabled {[k for k, v in r['enabled'].items() if v]}, priority order "
+            f"{r['priority_order_before']}; stock call runs **{r['stock_choice']}**, tli runs "
+            f"**{r['tli_choice']}** (tli's order: {r.get('tli_priority_order', 'n/a')})"
+        )
+    return [*lines, ""]
 
 
 def correctness_lines(correctness: dict) -> list[str]:
@@ -688,17 +749,19 @@ def markdown(results: dict) -> str:
     label = f"{case['model']} {case['batch']}x{case['seq']}"
     layer = results.get("layer", {})
     if isinstance(layer, dict) and "error" not in layer and layer:
-        lines += [markdown_table(LAYER_HEADERS, layer_rows(label, layer, results.get("floor", {}))), ""]
+        reference = results.get("gemm_attention_reference", {})
+        lines += [markdown_table(LAYER_HEADERS, layer_rows(label, layer, reference)), ""]
     kernels = results.get("kernels", {})
     if isinstance(kernels, dict) and "error" not in kernels and kernels:
         lines += [markdown_table(KERNEL_HEADERS, kernel_rows(label, kernels)), ""]
+    lines += attention_lines(results.get("attention_backend"))
     lines += correctness_lines(results.get("layer_correctness", {}))
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ main
 def layer_sections(bench: Bench, case: Case, args: argparse.Namespace, prefix: str = "") -> None:
-    """correctness, layer and floor of one case, each a section of bench.results."""
+    """correctness, layer and the GEMM+attention reference of one case, each a section of bench.results."""
     results = bench.results
     try:
         layers = Layers(bench, case.model)
@@ -707,26 +770,44 @@ def layer_sections(bench: Bench, case: Case, args: argparse.Namespace, prefix: s
                                              "traceback": traceback.format_exc()})  # fmt: skip
         results.save()
         return
-    auto = auto_attention_backend(bench, case)
-    results.put(prefix + "layer_build", {"attention_backend_auto": auto})
+    results.section(prefix + "attention_backend", attention_record, bench, case)
     extra, liger_calls, liger_missing = liger_extra(bench, layers, not args.no_liger)
     correctness = results.section(prefix + "layer_correctness", check_correctness, bench, layers, case, extra)
-    configs = layer_configs(bench, layers, compiled=not args.no_compile, extra=extra, sdpa_default=auto == "sdpa_cudnn")
+    configs = layer_configs(bench, layers, compiled=not args.no_compile, extra=extra, case=case)
     results.section(prefix + "layer", measure_layer, bench, layers, case, configs)
     results.put(prefix + "liger", {"unavailable": liger_missing} if liger_missing else
                 {"rope_patched_calls": len(liger_calls), "parts": ["rms_norm", "swiglu", "rope"]})  # fmt: skip
-    results.section(prefix + "floor", measure_floor, bench, case)
+    results.section(prefix + "gemm_attention_reference", measure_gemm_attention_reference, bench, case)
     results.put(prefix + "correctness_pass", bool(isinstance(correctness, dict) and correctness.get("pass")))
     results.save()
 
 
-def auto_attention_backend(bench: Bench, case: Case) -> str:
-    """What the attention dispatch picks for this case's queries on this device."""
+def attention_query(bench: Bench, case: Case, q_len: int | None = None) -> torch.Tensor:
+    """An (empty) query of this case's attention, [B, Hq, S, D] as the layer makes it."""
+    d = case.dims
+    shape = (case.batch, q_len or case.seq, d["heads"], d["head_dim"])
+    return torch.empty(shape, device=bench.device, dtype=bench.dtype).transpose(1, 2)
+
+
+def attention_record(bench: Bench, case: Case) -> dict:
+    """What SDPA runs for this case (training/prefill, causal) and for one decode step against a cache of
+    case.seq tokens: torch and cuDNN versions, the switches, the priority order, and torch's backend
+    choice for a stock call and for tli's (`tli_kernels.ops.sdpa_report`)."""
     from tli_kernels import ops
 
     d = case.dims
-    q = torch.empty(case.batch, d["heads"], 1, d["head_dim"], device=bench.device, dtype=bench.dtype)
-    return ops.resolve_backend(q)
+    records = {}
+    for name, q_len in (("training", case.seq), ("decode", 1)):
+        q = attention_query(bench, case, q_len)
+        kv = torch.empty(case.batch, case.seq, d["kv_heads"], d["head_dim"], device=bench.device,
+                         dtype=bench.dtype).transpose(1, 2)  # fmt: skip
+        records[name] = ops.sdpa_report(q, kv, kv, causal=True)
+    return records
+
+
+def bench_flags(device: torch.device) -> dict:
+    """Settings that change what is measured: the float32 matmul precision (CUDA)."""
+    return matmul_precision_flags() if device.type == "cuda" else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -745,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps is None:
         args.reps = 2 if args.smoke else 30
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    refuse_interpreter_on_cuda(device)
     if device.type != "cuda":
         if not args.smoke:
             parser.error("the full shapes need a CUDA GPU; use --smoke on CPU")
@@ -762,8 +844,10 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "reps": args.reps,
             "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-            "timing": "CUDA events per call, median of reps after warm-up, inputs rotated" if device.type == "cuda"
+            "timing": "eager call: CUDA events per call after a sync, median of reps after warm-up, inputs "
+            "rotated; kernel only: torch.profiler device time per call" if device.type == "cuda"
             else "perf_counter per call (CPU smoke run: timings and bf16 errors mean nothing here)",
+            **bench_flags(device),
         },
     )  # fmt: skip
     bench = Bench(results, device=device, dtype=dtype, warmup=args.warmup, reps=args.reps,

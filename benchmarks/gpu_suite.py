@@ -10,8 +10,10 @@ Sections, in this order (the most wanted first):
   2. for each model shape (Llama-3-8B, Llama-3.2-1B, Llama-3-70B: one decoder layer each) and each
      sequence length (batch 1 x 4096, 1024, 2048, 8192 tokens): each tli kernel against the eager ops
      (forward, backward), the layer forward and forward+backward (stock transformers, tli, tli with
-     fused gate/up, torch.compile of stock and tli at --compile-seq, Liger when importable), the floor
-     (the layer's GEMMs + attention alone) and peak memory; bf16 correctness once per model;
+     fused gate/up, torch.compile of stock and tli at --compile-seq, Liger when importable, the stock
+     layer under tli's SDPA order as a same-attention control), the GEMM+attention reference (the layer's
+     GEMMs unfused + the best attention alone) and peak memory; what SDPA runs; bf16 correctness once
+     per model;
      after the first model:
   3. e2e: tokens/s of a TLI-upscaled 1B-shaped model's training step (forward, backward, AdamW),
      stock against apply_tli_kernels;
@@ -39,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_kernels as gk  # noqa: E402
 import training_step  # noqa: E402
-from harness import Results, describe_environment, markdown_table  # noqa: E402
+from harness import Results, describe_environment, markdown_table, refuse_interpreter_on_cuda  # noqa: E402
 
 FULL = dict(models=["llama3_8b", "llama3_1b", "llama3_70b"], seqs=[4096, 1024, 2048, 8192], batch=1, compile_seq=4096)
 SMOKE = dict(models=["smoke"], seqs=[16, 32], batch=1, compile_seq=16)
@@ -84,9 +86,8 @@ def model_sweep(bench: gk.Bench, model: str, args: argparse.Namespace, budget: B
         results.put(f"{base}/build", {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
         results.save()
         return
-    auto = gk.auto_attention_backend(bench, gk.Case(model, args.batch, min(args.seqs)))
+    results.section(f"{base}/attention_backend", gk.attention_record, bench, gk.Case(model, args.batch, max(args.seqs)))
     extra, liger_calls, liger_missing = gk.liger_extra(bench, layers, not args.no_liger)
-    results.put(f"{base}/attention_backend_auto", auto)
     results.put(
         f"{base}/liger", {"unavailable": liger_missing} if liger_missing else {"parts": ["rms_norm", "swiglu", "rope"]}
     )
@@ -111,9 +112,9 @@ def model_sweep(bench: gk.Bench, model: str, args: argparse.Namespace, budget: B
         if compiled:
             torch._dynamo.reset()  # a fresh cache per model: no recompiles, no dynamic shapes carried over
         results.section(f"{key}/kernels", gk.measure_kernels, bench, case)
-        configs = gk.layer_configs(bench, layers, compiled=compiled, extra=extra, sdpa_default=auto == "sdpa_cudnn")
+        configs = gk.layer_configs(bench, layers, compiled=compiled, extra=extra, case=case)
         results.section(f"{key}/layer", gk.measure_layer, bench, layers, case, configs)
-        results.section(f"{key}/floor", gk.measure_floor, bench, case)
+        results.section(f"{key}/gemm_attention_reference", gk.measure_gemm_attention_reference, bench, case)
         seconds = time.perf_counter() - started
         if not compiled:  # compile time says nothing about the next cell
             budget.last[model] = (case.tokens, seconds)
@@ -179,9 +180,9 @@ def markdown(data: dict) -> str:
         f"{data.get('wall_s', 'n/a')} s of a {settings['budget_s']} s budget.",
         "",
         "Baselines, each measured in the same run: the stock transformers layer (and the eager PyTorch ops it "
-        "runs) for speed-ups (= stock time / time); the floor (the layer's seven GEMMs timed alone + the "
-        "fastest attention kernel alone) for `/ floor` (= time / floor time; 1.00x would be no overhead "
-        "outside GEMMs and attention).",
+        "runs) for speed-ups (= stock time / time); the GEMM+attention reference (the layer's seven GEMMs "
+        "timed alone, unfused, + the fastest attention kernel alone) for `/ GEMM+attn ref` (= time / "
+        "reference time; 1.00x would be no cost outside GEMMs and attention; a fused GEMM can go below).",
         "",
         gk.rates_line(data.get("rates", {}), settings["dtype"]),
         "",
@@ -196,9 +197,9 @@ def markdown(data: dict) -> str:
             continue
         lines += [
             f"## {model} decoder layer (hidden {dims.get('hidden')}, intermediate {dims.get('intermediate')}, "
-            f"{dims.get('heads')} heads / {dims.get('kv_heads')} KV heads, head_dim {dims.get('head_dim')}); "
-            f"attention auto = {entry.get('attention_backend_auto')}",
+            f"{dims.get('heads')} heads / {dims.get('kv_heads')} KV heads, head_dim {dims.get('head_dim')})",
             "",
+            *gk.attention_lines(entry.get("attention_backend")),
         ]
         layer_rows, kernel_rows, skipped = [], [], []
         for key, cell in entry.items():
@@ -210,11 +211,11 @@ def markdown(data: dict) -> str:
                 continue
             layer = cell.get("layer", {})
             if isinstance(layer, dict) and "error" not in layer:
-                layer_rows += gk.layer_rows(label, layer, cell.get("floor", {}))
+                layer_rows += gk.layer_rows(label, layer, cell.get("gemm_attention_reference", {}))
             kernels = cell.get("kernels", {})
             if isinstance(kernels, dict) and "error" not in kernels:
                 kernel_rows += gk.kernel_rows(label, kernels)
-            for name in ("kernels", "layer", "floor"):
+            for name in ("kernels", "layer", "gemm_attention_reference"):
                 if isinstance(cell.get(name), dict) and "error" in cell[name]:
                     skipped.append(f"{label} {name}: failed, {cell[name]['error']}")
         if layer_rows:
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu_suite.md").write_text(markdown(json.loads((out / "gpu_suite.json").read_text())))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    refuse_interpreter_on_cuda(device)
     if device.type != "cuda" and not args.smoke:
         print("gpu_suite: no CUDA device; use --smoke on CPU", file=sys.stderr)
         return 2
@@ -321,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             **{k: v for k, v in vars(args).items() if k not in ("out", "render")},
             "dtype": str(dtype),
             "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-            "timing": "CUDA events per call, median of reps after warm-up, inputs rotated to overflow L2"
+            "timing": "eager call: CUDA events per call after a sync, median of reps after warm-up, inputs "
+            "rotated to overflow L2; kernel only: torch.profiler device time per call"
             if device.type == "cuda"
             else "perf_counter per call on CPU (smoke run: the timings mean nothing)",
+            **gk.bench_flags(device),
         },
     )
     bench = gk.Bench(results, device=device, dtype=dtype, warmup=args.warmup, reps=args.reps,

@@ -1,10 +1,13 @@
 """The one harness every benchmark in this folder uses.
 
-Timing a call (`time_fn`): warm-up calls first, then `reps` timed calls, median reported (with the 20th
-and 80th percentiles and the minimum). On CUDA each call is bracketed by its own pair of CUDA events
-(the GPU's clock, so launch gaps between calls are not counted); on CPU it is perf_counter. Inputs
-rotate: given several argument sets, call i gets set i mod n, so a kernel whose inputs would fit in
-L2 is not timed reading its own cached output (`rotation_sets` picks n from the device's L2 size).
+Timing a call (`time_fn`, the "eager call" time): warm-up calls first, then `reps` timed calls, median
+reported (with the 20th and 80th percentiles and the minimum). On CUDA each call is bracketed by its own
+pair of CUDA events after a sync, so the time includes the Python and dispatch work of launching it
+(for a kernel of a few microseconds that is most of it); on CPU it is perf_counter. `device_time` is the
+kernel-only column: the GPU time of the kernels the call launched, from torch.profiler (CUPTI), summed
+per call, with no launch gaps. Inputs rotate: given several argument sets, call i gets set i mod n, so a
+kernel whose inputs would fit in L2 is not timed reading its own cached output (`rotation_sets` picks n
+from the device's L2 size).
 
 Timing a process (`run_process`): wall clock, CPU time and peak RSS of a whole process tree, from GNU
 time when installed, else from a minimal Python waiter's os.wait4 (its RSS floor recorded).
@@ -17,6 +20,7 @@ Tables are markdown (`markdown_table`), with the baseline named and ratios taken
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -30,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +92,53 @@ def time_fn(
     return summarize_ms(samples) | {"input_sets": len(sets)}
 
 
+def device_time(
+    fn: Callable[..., object],
+    *,
+    device=None,
+    warmup: int = 3,
+    reps: int = 20,
+    setup: Callable[..., object] | None = None,
+    inputs: Sequence[Sequence] | None = None,
+) -> dict | None:
+    """Kernel-only milliseconds per call: the GPU time of every kernel (and memcpy/memset) `fn` launches,
+    from torch.profiler, divided by reps. None off CUDA. Rotates inputs like `time_fn`; `setup` runs
+    inside the profiled region, so it must launch no GPU work (clearing .grad to None does not)."""
+    if device is None or getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sets = list(inputs) if inputs else [()]
+    for i in range(warmup):
+        if setup is not None:
+            setup(*sets[i % len(sets)])
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(reps):
+            args = sets[(warmup + i) % len(sets)]
+            if setup is not None:
+                setup(*args)
+            fn(*args)
+        torch.cuda.synchronize(device)
+    return device_ms_per_call(prof.events(), reps)
+
+
+def device_ms_per_call(events, reps: int) -> dict:
+    """Sum the device-side durations of profiler events (kernels, memcpy, memset) over `reps` calls."""
+    total_us, kernels = 0.0, 0
+    for event in events:
+        if not str(getattr(event, "device_type", "")).endswith("CUDA"):
+            continue  # a CPU-side event (the launch call), not GPU time
+        total_us += event.time_range.elapsed_us()
+        kernels += 1
+    if not reps:
+        raise ValueError("device_ms_per_call: reps must be >= 1")
+    return {"kernel_ms": total_us / reps / 1e3, "kernels_per_call": kernels / reps, "reps": reps,
+            "method": "torch.profiler device time (CUPTI), kernels + memcpy/memset, summed per call"}  # fmt: skip
+
+
 def summarize_ms(samples: Sequence[float]) -> dict:
     """median / p20 / p80 / min of a list of milliseconds."""
     if not samples:
@@ -138,6 +189,53 @@ def peak_memory(fn: Callable[[], object], device) -> int | None:
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no")
+
+
+def refuse_interpreter_on_cuda(device) -> None:
+    """A GPU benchmark must time the compiled kernels: with TRITON_INTERPRET=1 Triton would build every
+    kernel for its CPU interpreter and run it there on CUDA tensors (tli_kernels refuses those calls)."""
+    if getattr(device, "type", str(device)) == "cuda" and interpreter_requested():
+        raise SystemExit(
+            f"refusing to benchmark on CUDA with TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}: the Triton "
+            "kernels would run in the CPU interpreter; unset TRITON_INTERPRET"
+        )
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(precision: str) -> Iterator[None]:
+    """Float32 CUDA matmuls as "ieee" (true float32) or "tf32", restored on exit: `fp32_precision` where
+    torch has it (2.9+, where `allow_tf32` is deprecated), else `allow_tf32`."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = precision
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # pragma: no cover - torch < 2.9
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+def matmul_precision_flags() -> dict:
+    """The float32 matmul setting in force, for the record."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return {"cuda_matmul_fp32_precision": matmul.fp32_precision}
+    return {"cuda_matmul_allow_tf32": matmul.allow_tf32}  # pragma: no cover - torch < 2.9
 
 
 # --------------------------------------------------------------------------------- timing a process

@@ -5,9 +5,10 @@
 
 GPU results (gpu_suite.json, or gpu_kernels.json with its single case): speed-up of each layer
 configuration over the stock transformers layer against sequence length, one panel per model shape,
-forward+backward solid and forward dashed, and the floor's speed-up (stock / floor: what no
-implementation can beat) in grey. Conversion results (bench_conversion.json): source GB converted per
-second against model size, and peak RSS against model size, one line per job.
+forward+backward solid and forward dashed, and the GEMM+attention reference's speed-up (stock /
+reference: a layer whose work outside its unfused GEMMs and attention were free) in grey. Conversion
+results (bench_conversion.json): source GB converted per second against model size, and peak RSS against
+model size, one line per job.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _gpu_models(data: dict) -> dict:
             if isinstance(entry, dict) and "skipped" not in entry
         }
     case = data["settings"]["case"]  # gpu_kernels.json: one case at the top level
-    return {case["model"]: {case["seq"]: {"layer": data.get("layer", {}), "floor": data.get("floor", {})}}}
+    return {case["model"]: {case["seq"]: {"layer": data.get("layer", {}),
+                                          "gemm_attention_reference": data.get("gemm_attention_reference", {})}}}
 
 
 def plot_gpu(data: dict, path: str) -> str:
@@ -51,14 +53,14 @@ def plot_gpu(data: dict, path: str) -> str:
                 if pts:
                     label = f"{name} ({'fwd+bwd' if key == 'speedup_forward_backward' else 'fwd'})"
                     ax.plot(*zip(*pts), style, marker="o", color=f"C{i}", label=label)
-        floor = []
+        reference = []
         for s in seqs:
             stock = cells[s]["layer"].get("stock", {}).get("forward_backward", {}).get("median_ms")
-            f = cells[s].get("floor", {}).get("floor_forward_backward_ms")
+            f = cells[s].get("gemm_attention_reference", {}).get("reference_forward_backward_ms")
             if stock and f:
-                floor.append((s, stock / f))
-        if floor:
-            ax.plot(*zip(*floor), ":", marker="s", color="grey", label="floor (fwd+bwd)")
+                reference.append((s, stock / f))
+        if reference:
+            ax.plot(*zip(*reference), ":", marker="s", color="grey", label="GEMM+attention reference (fwd+bwd)")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs, [str(s) for s in seqs])

@@ -7,7 +7,9 @@ same layer map `tli upscale` writes. The tli configuration makes α of the injec
 (starting at 1, as `apply_tli_kernels(model, learnable_alpha=True)` does on a saved upscaled
 checkpoint), so it trains what `tli train` trains. Every configuration starts from the same weights
 and sees the same batches (several, rotated); the first step's loss is recorded to show they compute
-the same function.
+the same function. Where tli's attention orders SDPA's backends differently from torch for this shape
+(cuDNN first for training on Hopper when torch does not), the stock model also runs under tli's order:
+the same attention kernel, so the table separates the kernels' share of a speed-up from the backend's.
 
 Used by gpu_suite.py; on its own:
     python benchmarks/training_step.py                   # GPU
@@ -17,6 +19,7 @@ Used by gpu_suite.py; on its own:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -29,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_kernels import MODELS, llama_config  # noqa: E402
-from harness import fmt, fmt_ratio, markdown_table, peak_memory, ratio, time_fn  # noqa: E402
+from harness import fmt, fmt_ratio, markdown_table, peak_memory, ratio, refuse_interpreter_on_cuda, time_fn  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ SPECS = {
     "full": StepSpec("llama3_1b", source_layers=8, k=2, vocab=128256, batch=2, seq=4096, warmup=3, reps=10),
     "smoke": StepSpec("smoke", source_layers=2, k=2, vocab=256, batch=1, seq=16, warmup=0, reps=1),
 }
-CONFIGS = ("stock", "tli", "tli_fused_gate_up")
+CONFIGS = ("stock", "stock_under_tli_sdpa_order", "tli", "tli_fused_gate_up")
 
 
 def build_upscaled(spec: StepSpec, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, list[int]]:
@@ -85,11 +88,18 @@ def build_upscaled(spec: StepSpec, device: torch.device, dtype: torch.dtype) -> 
     return model.train(), injected
 
 
+def _attention_query(model, spec: StepSpec, device, dtype) -> torch.Tensor:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (spec.batch, spec.seq, config.num_attention_heads, head_dim)
+    return torch.empty(shape, device=device, dtype=dtype).transpose(1, 2)
+
+
 def _step_config(model, name: str, injected: list[int], spec: StepSpec, batches: list, device) -> dict:
     from tli_kernels.integrations import apply_tli_kernels
 
     handle = None
-    if name != "stock":
+    if not name.startswith("stock"):
         handle = apply_tli_kernels(
             model,
             residual_scales={i: 1.0 for i in injected},
@@ -107,14 +117,18 @@ def _step_config(model, name: str, injected: list[int], spec: StepSpec, batches:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
+    from tli_kernels import ops
+
+    order = ops.tli_sdpa_order(_attention_query(model, spec, device, next(model.parameters()).dtype))
     try:
-        started = time.perf_counter()
-        step(batches[0])  # first call: builds the Triton kernels, allocates optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        first_call_s = time.perf_counter() - started
-        timing = time_fn(step, device=device, warmup=spec.warmup, reps=spec.reps, inputs=[(b,) for b in batches])
-        peak = peak_memory(lambda: step(batches[0]), device)
+        with order if name == "stock_under_tli_sdpa_order" else contextlib.nullcontext():
+            started = time.perf_counter()
+            step(batches[0])  # first call: builds the Triton kernels, allocates optimizer state
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_call_s = time.perf_counter() - started
+            timing = time_fn(step, device=device, warmup=spec.warmup, reps=spec.reps, inputs=[(b,) for b in batches])
+            peak = peak_memory(lambda: step(batches[0]), device)
     finally:
         if handle is not None:
             handle.undo(fold=False)
@@ -124,7 +138,7 @@ def _step_config(model, name: str, injected: list[int], spec: StepSpec, batches:
         "tokens_per_s": spec.tokens / (timing["median_ms"] / 1e3),
         "peak_memory_above_weights_bytes": peak,
         "first_loss": losses[0].item(),
-        "learnable_alphas": len(injected) if name != "stock" else 0,
+        "learnable_alphas": 0 if name.startswith("stock") else len(injected),
     }
 
 
@@ -144,7 +158,13 @@ def measure_training_step(spec: StepSpec, device: torch.device, dtype: torch.dty
         "optimizer": "torch.optim.AdamW (fused on CUDA), lr 1e-5, weight decay 0.1, states in the parameters' dtype",
         "configs": {},
     }
+    from tli_kernels import ops
+
+    query = _attention_query(model, spec, device, dtype)
+    result["sdpa"] = ops.sdpa_report(query, query, query, causal=True)
     for name in CONFIGS:
+        if name == "stock_under_tli_sdpa_order" and ops.sdpa_priority(query) is None:
+            continue  # tli runs torch's own order here: the stock row is the control already
         model.load_state_dict(initial)
         try:
             result["configs"][name] = _step_config(model, name, injected, spec, batches, device)
@@ -191,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    refuse_interpreter_on_cuda(device)
     spec = SPECS["smoke" if args.smoke else "full"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = measure_training_step(spec, device, dtype)

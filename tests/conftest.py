@@ -8,9 +8,15 @@ import os
 import pytest
 import torch
 
-# Triton kernels run in the interpreter on a machine without a GPU; this must be set before
-# anything imports triton.
-if not torch.cuda.is_available():
+# Triton kernels run in the interpreter on a machine without a GPU, and compiled on one with a GPU,
+# whatever the environment says (with TRITON_INTERPRET=1 on a GPU machine the kernels would run in
+# the CPU interpreter and the suite would not test the compiled code). Set before tli_kernels.ops is
+# imported: Triton decides compiled or interpreted when a kernel is decorated.
+if torch.cuda.is_available():
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+        print(f"tests/conftest.py: CUDA is available, ignoring TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}")
+    os.environ["TRITON_INTERPRET"] = "0"
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import save_tiny_llama

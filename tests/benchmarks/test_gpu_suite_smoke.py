@@ -33,12 +33,13 @@ def test_gpu_suite_smoke_run(tmp_path):
     model = data["models"]["smoke"]
     assert model["correctness"]["pass"], model["correctness"]["failures"]
     cell = model["seq_16"]
-    for name in ("kernels", "layer", "floor"):
+    for name in ("kernels", "layer", "gemm_attention_reference"):
         assert "error" not in cell[name], (name, cell[name])
     assert set(cell["kernels"]) == {"rms_norm", "add_rms_norm", "rope", "swiglu"}
     assert {"stock", "tli", "tli_fused_gate_up"} <= set(cell["layer"])
     assert all("error" not in e and e["speedup_forward_backward"] > 0 for e in cell["layer"].values())
-    assert "floor_forward_backward_ms" in cell["floor"]
+    assert "reference_forward_backward_ms" in cell["gemm_attention_reference"]
+    assert "tli_choice" in model["attention_backend"]["training"]
     configs = data["e2e"]["configs"]
     assert set(configs) == {"stock", "tli", "tli_fused_gate_up"}
     for entry in configs.values():

@@ -120,3 +120,40 @@ def test_process_age_and_commit_without_git(monkeypatch):
     if head is not None:
         monkeypatch.delenv("TLI_GIT_COMMIT")
         assert harness.git_state()["commit"].startswith(head[:7])
+
+
+def test_kernel_only_time_sums_device_events_per_call():
+    from types import SimpleNamespace as NS
+
+    def event(device, start, end):
+        return NS(device_type=f"DeviceType.{device}", time_range=NS(elapsed_us=lambda: end - start))
+
+    # Two calls, each one CPU launch event (not GPU time) and two kernels of 3 + 5 us.
+    events = [event("CPU", 0, 40), event("CUDA", 10, 13), event("CUDA", 13, 18)] * 2
+    result = harness.device_ms_per_call(events, reps=2)
+    assert result["kernel_ms"] == pytest.approx(0.008) and result["kernels_per_call"] == 2
+    assert harness.device_time(lambda: None, device="cpu") is None  # no GPU: no kernel-only column
+
+
+def test_gpu_benchmarks_refuse_the_interpreter_on_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="refusing to benchmark on CUDA with TRITON_INTERPRET=1"):
+        harness.refuse_interpreter_on_cuda(torch.device("cuda"))
+    harness.refuse_interpreter_on_cuda(torch.device("cpu"))  # the CPU smoke runs use the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    harness.refuse_interpreter_on_cuda(torch.device("cuda"))
+
+
+def test_fp32_matmul_precision_is_set_and_restored():
+    import torch
+
+    with harness.fp32_matmul_precision("ieee"):
+        assert harness.matmul_precision_flags() in ({"cuda_matmul_fp32_precision": "ieee"},
+                                                    {"cuda_matmul_allow_tf32": False})  # fmt: skip
+    before = harness.matmul_precision_flags()
+    with harness.fp32_matmul_precision("tf32"):
+        pass
+    assert harness.matmul_precision_flags() == before
+    assert torch.backends.cuda.matmul is not None

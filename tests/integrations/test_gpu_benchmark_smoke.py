@@ -24,12 +24,14 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_kernels.json").read_text())
-    for name in ("rates", "kernels", "layer_correctness", "layer", "floor"):
+    for name in ("rates", "kernels", "attention_backend", "layer_correctness", "layer", "gemm_attention_reference"):
         assert name in results and "error" not in results[name], (name, results.get(name))
     assert set(results["kernels"]) == {"rms_norm", "add_rms_norm", "rope", "swiglu"}
     assert {"stock", "tli"} <= set(results["layer"])
     assert all("error" not in entry for entry in results["layer"].values()), results["layer"]
-    assert "floor_forward_backward_ms" in results["floor"]
+    assert "reference_forward_backward_ms" in results["gemm_attention_reference"]
+    assert {"training", "decode"} == set(results["attention_backend"])
+    assert {"stock_choice", "tli_choice", "priority_order_before"} <= set(results["attention_backend"]["training"])
     correctness = results["layer_correctness"]
     assert correctness["pass"], correctness["failures"]
     assert {"stock", "tli", "tli_fused_gate_up"} <= set(correctness["errors"])

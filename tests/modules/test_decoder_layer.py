@@ -232,3 +232,42 @@ def test_compile_has_no_graph_breaks():
     eager.sum().backward()
     assert_close(out, eager, F32, "compiled vs eager")
     assert_close(grad_alpha, layer.residual_scale.grad, F32, "d alpha compiled vs eager")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_both_branches_and_the_fold_apply_the_same_float32_alpha(dtype, learnable):
+    # alpha = 0.3 is 0.30078 in bf16 and 0.30005 in fp16: a branch that rounded it would be off by a
+    # unit in the last place on a good share of the elements. bf16 runs on the reference path (the
+    # interpreter truncates bf16 stores), fp16 on the kernels under the interpreter.
+    from tli_kernels.ops import ops_backend
+
+    config = _config()
+    layer = _layer(config).to(dtype)
+    weights = {name: getattr(layer, name[0]).get_submodule(name[1]).weight.detach().clone()
+               for name in (("self_attn", "o_proj"), ("mlp", "down_proj"))}  # fmt: skip
+    patch_decoder_layer(layer, residual_scale=0.3, learnable=learnable)
+    alpha32 = torch.tensor(0.3, dtype=torch.float32).double().item()
+    captured = {}
+    layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("attn", o))
+    layer.mlp.register_forward_hook(lambda m, i, o: captured.__setitem__("mlp", o))
+    x, kwargs = _inputs(config)
+    x = (x.detach() * 0.05).to(dtype)  # a small residual: the branches decide the rounding of the sums
+    kwargs["position_embeddings"] = tuple(t.to(dtype) for t in kwargs["position_embeddings"])
+    with ops_backend("reference" if dtype == torch.bfloat16 else "auto"), torch.no_grad():
+        out = layer(x, **kwargs)
+
+    def scaled(r, b, alpha):
+        return (r.double() + alpha * b.double()).to(dtype)
+
+    residual = scaled(x, captured["attn"], alpha32)
+    want = scaled(residual, captured["mlp"], alpha32)
+    rounded = torch.tensor(0.3).to(dtype).double().item()
+    wrong = scaled(scaled(x, captured["attn"], alpha32), captured["mlp"], rounded)  # alpha rounded on one branch
+    assert (wrong != want).float().mean().item() > 0.05  # the test can tell the two apart
+    assert (out != want).float().mean().item() < 0.01  # float32 vs float64 arithmetic: rare boundary cases
+
+    assert fold_residual_scale(layer) == alpha32
+    for (module, proj), before in weights.items():
+        after = getattr(layer, module).get_submodule(proj).weight
+        assert torch.equal(after, (before.float() * torch.tensor(0.3, dtype=torch.float32)).to(dtype)), proj

@@ -150,3 +150,48 @@ def test_errors_name_the_shapes():
         add_rms_norm(x, torch.randn(2, 9), torch.ones(8))
     with pytest.raises(ValueError, match="one element"):
         add_rms_norm(x, x, torch.ones(8), alpha=torch.ones(2))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_rows_walked_in_chunks_match_the_reference(monkeypatch, residual, require_triton):
+    # Rows wider than ONE_PASS_MAX are read twice in column chunks (and the backward accumulates dw in
+    # its program's partial row). Small limits put a 72-column row on that path: 4.5 chunks of 16, 10
+    # rows over 4 programs.
+    import importlib
+
+    rms = importlib.import_module("tli_kernels.ops.rms_norm")
+    monkeypatch.setattr(rms, "ONE_PASS_MAX", 32)
+    monkeypatch.setattr(rms, "ONE_PASS_MAX_BACKWARD", 32)
+    monkeypatch.setattr(rms, "CHUNK", 16)
+    assert not rms.launch_config(72)["ONE_PASS"] and not rms.launch_config(72, backward=True)["ONE_PASS"]
+    _check_wide_rows(10, 72, residual, require_triton)
+
+
+def test_llama_405b_hidden_size(require_triton):
+    # 16400 columns: four full chunks of the real CHUNK and a masked fifth; three rows keep it fast.
+    _check_wide_rows(3, 16400, True, require_triton)
+
+
+def _check_wide_rows(rows, n, residual, require_triton):
+    torch.manual_seed(5)
+    r, b = _leaf((rows, n), torch.float32), _leaf((rows, n), torch.float32)
+    w = _leaf((n,), torch.float32, 0.5, 1.0)
+    a = torch.tensor([0.7], device=DEVICE, requires_grad=True)
+    require_triton(_rms_norm_bwd_kernel, r)
+    r_ref, b_ref, w_ref = _clone(r, b, w)
+    a_ref = a.detach().clone().requires_grad_(True)
+    d_res, dy = torch.randn(rows, n, device=DEVICE), torch.randn(rows, n, device=DEVICE)
+    if residual:
+        outs, grads = add_rms_norm(r, b, w, EPS, a), [d_res, dy]
+        want = reference.add_rms_norm(r_ref, b_ref, w_ref, EPS, a_ref)
+        pairs = [(r, r_ref), (b, b_ref), (w, w_ref), (a, a_ref)]
+    else:
+        outs, grads = (rms_norm(r, w, EPS),), [dy]
+        want = (reference.rms_norm(r_ref, w_ref, EPS),)
+        pairs = [(r, r_ref), (w, w_ref)]
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(want, grads)
+    for got, exp in zip(outs, want, strict=True):
+        assert_close(got, exp, torch.float32, "output")
+    for (got, exp), name in zip(pairs, ["residual", "branch", "weight", "alpha"], strict=False):
+        assert_close(got.grad, exp.grad, torch.float32, f"d {name}")

@@ -9,9 +9,11 @@ passes one tensor between layers, and its output capturing, gradient checkpointi
 that boundary, so crossing it would mean replacing the model's forward. It costs one extra read of the
 residual per layer (see docs/kernels.md).
 
-alpha lives on the layer as `residual_scale`: a float (fixed; 1.0 costs nothing) or a one-element
-float32 `nn.Parameter` (learnable). The parameter never reaches the state dict (a state-dict hook
-drops it, a load hook forgives its absence), so checkpoints keep the stock layout; fold it into
+alpha lives on the layer as `residual_scale`: a float (fixed, stored as its float32 value; 1.0 costs
+nothing) or a one-element float32 `nn.Parameter` (learnable). Both residual adds apply that same
+float32 alpha (`add_rms_norm` and `scaled_add` compute in float32 and round once), and so does the fold,
+whatever the dtype of the model. The parameter never reaches the state dict (a state-dict hook drops
+it, a load hook forgives its absence), so checkpoints keep the stock layout; fold it into
 o_proj/down_proj with `fold_residual_scale` before saving.
 """
 
@@ -26,7 +28,7 @@ from tli_kernels.modules import _swap
 from tli_kernels.modules.attention import TliAttention, check_attention
 from tli_kernels.modules.mlp import TliMLP, can_fuse_gate_up, is_swiglu_mlp
 from tli_kernels.modules.norm import check_rms_norm
-from tli_kernels.ops import add_rms_norm, rms_norm
+from tli_kernels.ops import add_rms_norm, rms_norm, scaled_add
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,14 @@ ALPHA_NAME = "residual_scale"
 
 
 def _scaled_add(residual: Tensor, branch: Tensor, alpha: float | Tensor) -> Tensor:
-    if isinstance(alpha, Tensor):
-        return torch.addcmul(residual, branch, alpha.to(branch.dtype))
-    if alpha == 1.0:
-        return residual + branch
-    return torch.add(residual, branch, alpha=alpha)
+    if not isinstance(alpha, Tensor) and alpha == 1.0:
+        return residual + branch  # computed in float32 and rounded once, as scaled_add would
+    return scaled_add(residual, branch, alpha)
+
+
+def float32_value(alpha: float) -> float:
+    """alpha rounded to float32 (as a Python float): the value both branches and the fold apply."""
+    return float(torch.tensor(float(alpha), dtype=torch.float32))
 
 
 class TliDecoderLayer(nn.Module):
@@ -135,14 +140,14 @@ def patch_decoder_layer(
             ALPHA_NAME, nn.Parameter(torch.full((1,), float(residual_scale), dtype=torch.float32, device=device))
         )
     else:
-        setattr(layer, ALPHA_NAME, float(residual_scale))
+        setattr(layer, ALPHA_NAME, float32_value(residual_scale))
     hooks.append(layer.register_state_dict_post_hook(_drop_alpha_from_state_dict))
     hooks.append(layer.register_load_state_dict_post_hook(_forgive_missing_alpha))
     return hooks
 
 
 def residual_scale_of(layer: nn.Module) -> float:
-    """alpha of a patched layer as a float (1.0 for an unpatched one)."""
+    """alpha of a patched layer as a float holding its float32 value (1.0 for an unpatched one)."""
     alpha = getattr(layer, ALPHA_NAME, 1.0)
     return float(alpha.detach().float().item()) if isinstance(alpha, Tensor) else float(alpha)
 
@@ -151,10 +156,10 @@ def residual_scale_of(layer: nn.Module) -> float:
 def fold_residual_scale(layer: nn.Module) -> float:
     """Multiply alpha into o_proj and down_proj (weights and biases) and reset alpha to 1. Returns the
     alpha folded. The layer computes the same function before and after."""
-    alpha = residual_scale_of(layer)
+    alpha = float32_value(residual_scale_of(layer))
     if alpha != 1.0:
         for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            proj.weight.mul_(alpha)
+            proj.weight.mul_(alpha)  # a float32 alpha: PyTorch multiplies bf16/fp16 weights in float32
             if proj.bias is not None:
                 proj.bias.mul_(alpha)
         current = getattr(layer, ALPHA_NAME)

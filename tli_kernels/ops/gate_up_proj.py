@@ -7,12 +7,15 @@ concatenation), which `swiglu_packed` reads in place. Backward: the packed gradi
 up_proj as the two halves), and dx = dg W_g + du W_u as one GEMM plus one accumulating GEMM (addmm), so
 the separate `dx_gate + dx_up` add of the unfused graph disappears. The weights stay two parameters
 (gate_proj.weight, up_proj.weight), so state dicts, FSDP sharding and optimizers see the stock layout.
+A custom op for torch.compile, an autograd.Function in eager (see `_triton.py`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from tli_kernels.ops._triton import needs_grad, use_custom_op  # no Triton kernel: only the dispatch
 
 
 def _project(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None, up_bias: Tensor | None):
@@ -38,8 +41,7 @@ def _(x, gate_weight, up_weight, gate_bias, up_bias):
     return x.new_empty((x.shape[0], gate_weight.shape[0] + up_weight.shape[0]))
 
 
-@torch.library.custom_op("tli::gate_up_proj_backward", mutates_args=())
-def _gate_up_proj_backward_op(
+def _project_backward(
     d_gate_up: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor, need_dx: bool, need_dw: bool, need_db: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     inter = gate_weight.shape[0]
@@ -52,6 +54,13 @@ def _gate_up_proj_backward_op(
     dw = torch.mm(d_gate_up.t(), x) if need_dw else x.new_empty(0)  # [2I, H]: both weights, one GEMM
     db = d_gate_up.sum(0) if need_db else x.new_empty(0)
     return dx, dw, db
+
+
+@torch.library.custom_op("tli::gate_up_proj_backward", mutates_args=())
+def _gate_up_proj_backward_op(
+    d_gate_up: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor, need_dx: bool, need_dw: bool, need_db: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _project_backward(d_gate_up, x, gate_weight, up_weight, need_dx, need_dw, need_db)
 
 
 @_gate_up_proj_backward_op.register_fake
@@ -70,12 +79,12 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = gate_bias is not None
 
 
-def _backward(ctx, d_gate_up):
+def _backward(ctx, d_gate_up, backward_fn=_gate_up_proj_backward_op):
     x, gate_weight, up_weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dw = need[1] or need[2]
     need_db = ctx.has_bias and (need[3] or need[4])
-    dx, dw, db = _gate_up_proj_backward_op(d_gate_up, x, gate_weight, up_weight, need[0], need_dw, need_db)
+    dx, dw, db = backward_fn(d_gate_up, x, gate_weight, up_weight, need[0], need_dw, need_db)
     inter = gate_weight.shape[0]
     return (
         dx if need[0] else None,
@@ -87,6 +96,20 @@ def _backward(ctx, d_gate_up):
 
 
 _gate_up_proj_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _GateUpProj(torch.autograd.Function):
+    """The eager path: the same setup and backward, without the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, up_weight, gate_bias, up_bias):
+        out = _project(x, gate_weight, up_weight, gate_bias, up_bias)
+        _setup(ctx, (x, gate_weight, up_weight, gate_bias, up_bias), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_gate_up):
+        return _backward(ctx, d_gate_up, backward_fn=_project_backward)
 
 
 def gate_up_proj(
@@ -107,5 +130,11 @@ def gate_up_proj(
         x, gate_weight, up_weight = x.to(dtype), gate_weight.to(dtype), up_weight.to(dtype)
         if gate_bias is not None:
             gate_bias, up_bias = gate_bias.to(dtype), up_bias.to(dtype)
-    out = _gate_up_proj_op(x.reshape(-1, x.shape[-1]), gate_weight, up_weight, gate_bias, up_bias)
+    args = (x.reshape(-1, x.shape[-1]), gate_weight, up_weight, gate_bias, up_bias)
+    if use_custom_op():
+        out = _gate_up_proj_op(*args)
+    elif needs_grad(*args):
+        out = _GateUpProj.apply(*args)
+    else:
+        out = _project(*args)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,18 +1,24 @@
 """RMSNorm, and the residual-scaled add fused with the RMSNorm that follows it.
 
-Design trade-off. Both are memory-bound: the floor is the bytes moved. One program owns one row (the
-whole hidden dimension sits in registers), so the statistics take one read. The fused op reads the
-residual and the branch once and writes the new residual and its norm once: 4 row-passes where the
-unfused `r + a*b` then `rmsnorm` costs 6 (write r', read it back) plus a separate scale. The backward
-saves the new residual and the float32 1/rms per row (not the normalised output) and recomputes
-x_hat, which costs a few FLOPs and saves a tensor per norm. The weight gradient is reduced in two
-steps: each program accumulates its rows in float32 registers, then a [programs, N] sum in PyTorch;
-that keeps the kernel free of atomics and deterministic. alpha is either a Python float (a constant
-folded into the launch) or a one-element float32 tensor, a learnable scale whose gradient
-sum(dr' * branch) is reduced the same way.
+Design trade-off. Both are memory-bound: the floor is the bytes moved. One program owns one row; up to
+ONE_PASS_MAX columns (4096 in the backward, which holds more row vectors) the whole row sits in
+registers, so the statistics take one read. Wider rows (Llama-3.1-405B's 16384) would spill to local
+memory (compiled for sm_90: 1-3.5 KB of stack per thread), so beyond that the row is walked in column
+chunks twice: the second read of a row just read comes from L2, not HBM. The fused op reads the residual
+and the branch once and writes the new residual and its norm once: 4 row-passes where the unfused `r +
+a*b` then `rmsnorm` costs 6 (write r', read it back). The backward saves the new residual and the
+float32 1/rms per row (not the normalised output) and recomputes x_hat, which costs a few FLOPs and
+saves a tensor per norm. The weight gradient is reduced in two steps: one program per SM accumulates its
+rows in float32 (registers for a one-pass row, its own L2-resident row of the partial buffer for a
+chunked one), then a [programs, N] sum in PyTorch; that keeps the kernel free of atomics and
+deterministic. alpha is either a Python float (a constant, passed to the kernel as float32) or a one-
+element float32 tensor, a learnable scale whose gradient sum(dr' * branch) is accumulated as a float32
+scalar per program and summed the same way.
 
 Numerics follow `LlamaRMSNorm`: statistics in float32, x_hat rounded to the input dtype before the
 weight multiplies it, so on the reference path and in float32 the patched model matches the stock one.
+Inputs are made contiguous before the op (the saved tensor is the one the forward read) and incoming
+gradients before the backward kernels.
 """
 
 from __future__ import annotations
@@ -21,12 +27,66 @@ import torch
 from torch import Tensor
 
 from tli_kernels import reference
-from tli_kernels.ops._triton import block_size, jit, num_warps_for, reduction_programs, tl, use_triton
+from tli_kernels.ops._triton import (
+    AUTOGRAD,
+    CUSTOM_OP,
+    REFERENCE,
+    block_size,
+    device_guard,
+    jit,
+    reduction_programs,
+    route,
+    tl,
+    use_triton,
+)
 
-MAX_HIDDEN = 65536  # one row per program must fit in registers
+# Widest row kept whole in registers, forward and backward (the backward holds more row vectors: w,
+# dw, x, dy, dx). Compiled for sm_90 with Triton 3.6 and 3.9 (benchmarks/kernel_resources.py), every
+# configuration below is free of spills at hidden 576 to 65536; one-pass rows beyond these spill.
+ONE_PASS_MAX = 8192
+ONE_PASS_MAX_BACKWARD = 4096
+CHUNK = 4096  # columns per step when a row is walked in chunks
+CHUNK_WARPS = 32
+
+
+def launch_config(n: int, backward: bool = False) -> dict:
+    """BLOCK_N, ONE_PASS and num_warps for rows of n columns (shared with benchmarks/kernel_resources.py).
+    ptxas caps the registers at 64K / threads (16 warps: 128 a thread, 32 warps: 64); the warps are
+    chosen so that no configuration spills."""
+    if n <= (ONE_PASS_MAX_BACKWARD if backward else ONE_PASS_MAX):
+        block = block_size(n)
+        if backward:  # one program per SM: its warps are all the SM runs, so be generous
+            warps = 8 if block <= 1024 else 16 if block <= 2048 else 32
+        else:
+            warps = 4 if block <= 1024 else 8 if block <= 4096 else 32
+        return {"BLOCK_N": block, "ONE_PASS": True, "num_warps": warps}
+    return {"BLOCK_N": CHUNK, "ONE_PASS": False, "num_warps": CHUNK_WARPS}
 
 
 # ----------------------------------------------------------------------------------------- forward
+@jit
+def _norm_input(X, RESIDUAL, RESIDUAL_OUT, offsets, mask, alpha, HAS_RESIDUAL: tl.constexpr):
+    """The row chunk to normalise, in float32: X, or RESIDUAL + alpha * X rounded and stored to RESIDUAL_OUT."""
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(RESIDUAL + offsets, mask=mask, other=0.0).to(tl.float32)
+        r = (r + alpha * x).to(RESIDUAL_OUT.dtype.element_ty)
+        tl.store(RESIDUAL_OUT + offsets, r, mask=mask)
+        x = r.to(tl.float32)  # normalise the rounded residual, as the unfused code does
+    return x
+
+
+@jit
+def _store_normed(X, Y, W, RESIDUAL_OUT, x, rstd, cols, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    x_hat = x * rstd
+    if HAS_RESIDUAL:
+        x_hat = x_hat.to(RESIDUAL_OUT.dtype.element_ty).to(tl.float32)
+    else:
+        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offsets, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+
+
 @jit
 def _rms_norm_fwd_kernel(
     X,  # [M, N] the norm input, or the branch when HAS_RESIDUAL
@@ -42,52 +102,55 @@ def _rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # the whole row in one block; else chunks of BLOCK_N, read twice
 ):
     row = tl.program_id(0).to(tl.int64)
+    base = row * N
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    offsets = row * N + cols
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        alpha = scale
-        if HAS_ALPHA:
-            alpha = tl.load(ALPHA).to(tl.float32) * scale
-        r = tl.load(RESIDUAL + offsets, mask=mask, other=0.0).to(tl.float32)
-        r = (r + alpha * x).to(RESIDUAL_OUT.dtype.element_ty)
-        tl.store(RESIDUAL_OUT + offsets, r, mask=mask)
-        x = r.to(tl.float32)  # normalise the rounded residual, as the unfused code does
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-    tl.store(RSTD + row, rstd)
-    x_hat = x * rstd
-    if HAS_RESIDUAL:
-        x_hat = x_hat.to(RESIDUAL_OUT.dtype.element_ty).to(tl.float32)
+    alpha = scale
+    if HAS_ALPHA:
+        alpha = tl.load(ALPHA).to(tl.float32) * scale
+    if ONE_PASS:
+        mask = cols < N
+        x = _norm_input(X, RESIDUAL, RESIDUAL_OUT, base + cols, mask, alpha, HAS_RESIDUAL)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        tl.store(RSTD + row, rstd)
+        _store_normed(X, Y, W, RESIDUAL_OUT, x, rstd, cols, base + cols, mask, HAS_RESIDUAL)
     else:
-        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offsets, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
-
-
-def _check_width(n: int) -> None:
-    if n > MAX_HIDDEN:
-        raise ValueError(f"rms_norm: hidden size {n} exceeds the kernel's row limit {MAX_HIDDEN}")
+        squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            chunk = start + cols
+            mask = chunk < N
+            x = _norm_input(X, RESIDUAL, RESIDUAL_OUT, base + chunk, mask, alpha, HAS_RESIDUAL)
+            squares += x * x
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / N + eps)
+        tl.store(RSTD + row, rstd)
+        if HAS_RESIDUAL:
+            tl.debug_barrier()  # the new residual stored above is read back below
+        for start in range(0, N, BLOCK_N):
+            chunk = start + cols
+            mask = chunk < N
+            if HAS_RESIDUAL:
+                x = tl.load(RESIDUAL_OUT + base + chunk, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X + base + chunk, mask=mask, other=0.0).to(tl.float32)
+            _store_normed(X, Y, W, RESIDUAL_OUT, x, rstd, chunk, base + chunk, mask, HAS_RESIDUAL)
 
 
 def _forward_triton(
     x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, alpha: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     rows, n = x.shape
-    _check_width(n)
     norm_in_dtype = residual.dtype if residual is not None else x.dtype
     y = torch.empty((rows, n), dtype=torch.promote_types(norm_in_dtype, weight.dtype), device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     residual_out = torch.empty_like(residual) if residual is not None else None
     if rows:
-        block = block_size(n)
-        _rms_norm_fwd_kernel[(rows,)](
-            x, residual, alpha, weight, y, residual_out, rstd, n, eps, scale,
-            HAS_RESIDUAL=residual is not None, HAS_ALPHA=alpha is not None, BLOCK_N=block,
-            num_warps=num_warps_for(block),
-        )  # fmt: skip
+        with device_guard(x):
+            _rms_norm_fwd_kernel[(rows,)](
+                x, residual, alpha, weight, y, residual_out, rstd, n, eps, scale,
+                HAS_RESIDUAL=residual is not None, HAS_ALPHA=alpha is not None, **launch_config(n),
+            )  # fmt: skip
     return y, rstd, residual_out
 
 
@@ -103,7 +166,7 @@ def _rms_norm_bwd_kernel(
     ALPHA,  # [1] float32 (HAS_ALPHA)
     DX,  # [M, N] out: grad of X (= grad of the old residual when HAS_RESIDUAL)
     DBRANCH,  # [M, N] out: alpha * DX (HAS_RESIDUAL)
-    DW_PARTIAL,  # [programs, N] float32 out (NEED_DW)
+    DW_PARTIAL,  # [programs, N] float32 out (NEED_DW); zero-filled when not ONE_PASS (accumulated in place)
     DALPHA_PARTIAL,  # [programs] float32 out (NEED_DALPHA)
     M,
     N,
@@ -115,39 +178,74 @@ def _rms_norm_bwd_kernel(
     NEED_DALPHA: tl.constexpr,
     NEED_DW: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dalpha = tl.zeros((BLOCK_N,), dtype=tl.float32)
     alpha = scale
     if HAS_ALPHA:
         alpha = tl.load(ALPHA).to(tl.float32) * scale
+    dalpha = 0.0  # a float32 scalar: sum(dr' * branch) over this program's rows
     row_start = pid.to(tl.int64) * rows_per_program  # int64 bounds: the loop index is int64 too
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
-        offsets = row * N + cols
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        x_hat = x * rstd
-        w_dy = w * dy
-        dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / N)) * rstd
+    if ONE_PASS:
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for row in range(row_start, row_end):
+            offsets = row * N + cols
+            x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            x_hat = x * rstd
+            w_dy = w * dy
+            dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / N)) * rstd
+            if NEED_DW:
+                dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+            if HAS_DRESIDUAL_OUT:
+                dx += tl.load(DRESIDUAL_OUT + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_RESIDUAL:
+                tl.store(DBRANCH + offsets, (alpha * dx).to(DBRANCH.dtype.element_ty), mask=mask)
+            if NEED_DALPHA:
+                dalpha += tl.sum(dx * tl.load(BRANCH + offsets, mask=mask, other=0.0).to(tl.float32), axis=0)
         if NEED_DW:
-            dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
-        if HAS_DRESIDUAL_OUT:
-            dx += tl.load(DRESIDUAL_OUT + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_RESIDUAL:
-            tl.store(DBRANCH + offsets, (alpha * dx).to(DBRANCH.dtype.element_ty), mask=mask)
-        if NEED_DALPHA:
-            dalpha += dx * tl.load(BRANCH + offsets, mask=mask, other=0.0).to(tl.float32)
-    if NEED_DW:
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=mask)
+            tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=mask)
+    else:
+        for row in range(row_start, row_end):
+            base = row * N
+            rstd = tl.load(RSTD + row)
+            dot = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum(x * w * dy): the row's projection term
+            for start in range(0, N, BLOCK_N):
+                chunk = start + cols
+                mask = chunk < N
+                x = tl.load(X + base + chunk, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + base + chunk, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + chunk, mask=mask, other=0.0).to(tl.float32)
+                dot += x * w * dy
+            mean_term = tl.sum(dot, axis=0) * rstd / N
+            for start in range(0, N, BLOCK_N):
+                chunk = start + cols
+                mask = chunk < N
+                x = tl.load(X + base + chunk, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + base + chunk, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + chunk, mask=mask, other=0.0).to(tl.float32)
+                x_hat = x * rstd
+                dx = (w * dy - x_hat * mean_term) * rstd
+                if NEED_DW:  # this program's own partial row: same thread, same elements every row
+                    partial = DW_PARTIAL + pid.to(tl.int64) * N + chunk
+                    acc = tl.load(partial, mask=mask, other=0.0)
+                    tl.store(partial, acc + dy * x_hat.to(X.dtype.element_ty).to(tl.float32), mask=mask)
+                if HAS_DRESIDUAL_OUT:
+                    dx += tl.load(DRESIDUAL_OUT + base + chunk, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + base + chunk, dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_RESIDUAL:
+                    tl.store(DBRANCH + base + chunk, (alpha * dx).to(DBRANCH.dtype.element_ty), mask=mask)
+                if NEED_DALPHA:
+                    b = tl.load(BRANCH + base + chunk, mask=mask, other=0.0).to(tl.float32)
+                    dalpha += tl.sum(dx * b, axis=0)
     if NEED_DALPHA:
-        tl.store(DALPHA_PARTIAL + pid, tl.sum(dalpha, axis=0) * scale)
+        tl.store(DALPHA_PARTIAL + pid, dalpha * scale)
 
 
 def _backward_triton(
@@ -168,17 +266,20 @@ def _backward_triton(
     programs = reduction_programs(x, rows)
     rows_per_program = -(-rows // programs) if rows else 0
     need_dalpha = branch is not None
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if need_dw else None
+    config = launch_config(n, backward=True)
+    dw_partial = None
+    if need_dw:
+        make = torch.empty if config["ONE_PASS"] else torch.zeros
+        dw_partial = make((programs, n), dtype=torch.float32, device=x.device)
     dalpha_partial = torch.empty(programs, dtype=torch.float32, device=x.device) if need_dalpha else None
     if rows:
-        block = block_size(n)
-        _rms_norm_bwd_kernel[(programs,)](
-            dy, d_residual_out, x, weight, rstd, branch, alpha, dx, d_branch, dw_partial, dalpha_partial,
-            rows, n, rows_per_program, scale,
-            HAS_DRESIDUAL_OUT=d_residual_out is not None, HAS_RESIDUAL=has_residual,
-            HAS_ALPHA=alpha is not None, NEED_DALPHA=need_dalpha, NEED_DW=need_dw, BLOCK_N=block,
-            num_warps=num_warps_for(block),
-        )  # fmt: skip
+        with device_guard(x):
+            _rms_norm_bwd_kernel[(programs,)](
+                dy, d_residual_out, x, weight, rstd, branch, alpha, dx, d_branch, dw_partial, dalpha_partial,
+                rows, n, rows_per_program, scale,
+                HAS_DRESIDUAL_OUT=d_residual_out is not None, HAS_RESIDUAL=has_residual,
+                HAS_ALPHA=alpha is not None, NEED_DALPHA=need_dalpha, NEED_DW=need_dw, **config,
+            )  # fmt: skip
     if need_dw:
         dw = dw_partial.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)
     else:
@@ -191,8 +292,23 @@ def _backward_triton(
 
 
 # ------------------------------------------------------------- reference path (no Triton available)
-def _rstd_reference(x: Tensor, eps: float) -> Tensor:
-    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+def _forward_reference(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, alpha: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(y, rstd [..., 1], new residual or None) for inputs of any shape."""
+    new_residual = None
+    if residual is not None:
+        new_residual = reference.scaled_add(residual, x, _alpha_value(alpha, scale))
+        x = new_residual
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * (xf * rstd).to(x.dtype)
+    return y, rstd, new_residual
+
+
+def _alpha_value(alpha: Tensor | None, scale: float) -> float | Tensor:
+    """alpha as float32 arithmetic sees it: the tensor times scale, or the float scale."""
+    return alpha.float() * scale if alpha is not None else scale
 
 
 def _backward_reference(
@@ -211,8 +327,7 @@ def _backward_reference(
     dx, dw = reference.rms_norm_backward(dy, x, weight, eps)
     if d_residual_out is not None:
         dx = dx + d_residual_out.float()
-    alpha_value = scale * (alpha.float() if alpha is not None else 1.0)
-    d_branch = (alpha_value * dx).to(x.dtype) if has_residual else x.new_empty(0)
+    d_branch = (_alpha_value(alpha, scale) * dx).to(x.dtype) if has_residual else x.new_empty(0)
     dw = dw.to(weight.dtype) if need_dw else weight.new_empty(0)
     if branch is not None:
         d_alpha = (dx * branch.float()).sum().reshape(1) * scale
@@ -221,14 +336,46 @@ def _backward_reference(
     return dx.to(x.dtype), d_branch, dw, d_alpha
 
 
-# ------------------------------------------------------------------------- custom ops and autograd
+# ------------------------------------------------------- implementations (Triton or the reference)
+def _forward(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, alpha: Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """(y, rstd, new residual or None) for contiguous 2-D inputs."""
+    if use_triton(_rms_norm_fwd_kernel, x):
+        return _forward_triton(x, weight.contiguous(), eps, residual, alpha, scale)
+    y, rstd, new_residual = _forward_reference(x, weight, eps, residual, alpha, scale)
+    return y, rstd.view(-1), new_residual
+
+
+def _backward(
+    dy: Tensor,
+    d_residual_out: Tensor | None,
+    x: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    branch: Tensor | None,
+    alpha: Tensor | None,
+    scale: float,
+    eps: float,
+    has_residual: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # Every row the kernel reads at stride N: the saved input is contiguous already (the public functions
+    # make it so), incoming gradients may not be (a sliced or expanded dy).
+    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
+    d_residual_out = d_residual_out.contiguous() if d_residual_out is not None else None
+    branch = branch.contiguous() if branch is not None else None
+    if use_triton(_rms_norm_bwd_kernel, x):
+        return _backward_triton(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, has_residual, need_dw)
+    return _backward_reference(dy, d_residual_out, x, weight, eps, branch, alpha, scale, has_residual, need_dw)
+
+
+# --------------------------------------------------------- custom ops (what torch.compile sees)
 @torch.library.custom_op("tli::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    x = x.contiguous()
-    if use_triton(_rms_norm_fwd_kernel, x):
-        y, rstd, _ = _forward_triton(x, weight.contiguous(), eps, None, None, 1.0)
-        return y, rstd
-    return reference.rms_norm(x, weight, eps), _rstd_reference(x, eps)
+    y, rstd, _ = _forward(x.contiguous(), weight, eps)
+    return y, rstd
 
 
 @_rms_norm_op.register_fake
@@ -241,13 +388,8 @@ def _(x, weight, eps):
 def _add_rms_norm_op(
     residual: Tensor, branch: Tensor, weight: Tensor, alpha: Tensor | None, scale: float, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    residual, branch = residual.contiguous(), branch.contiguous()
-    if use_triton(_rms_norm_fwd_kernel, residual):
-        y, rstd, new_residual = _forward_triton(branch, weight.contiguous(), eps, residual, alpha, scale)
-        return new_residual, y, rstd
-    alpha_value = scale * (alpha.float() if alpha is not None else 1.0)
-    new_residual, y = reference.add_rms_norm(residual, branch, weight, eps, alpha_value)
-    return new_residual, y, _rstd_reference(new_residual, eps)
+    y, rstd, new_residual = _forward(branch.contiguous(), weight, eps, residual.contiguous(), alpha, scale)
+    return new_residual, y, rstd
 
 
 @_add_rms_norm_op.register_fake
@@ -255,7 +397,7 @@ def _(residual, branch, weight, alpha, scale, eps):
     out_dtype = torch.promote_types(residual.dtype, weight.dtype)
     rows = residual.shape[0]
     return (
-        torch.empty_like(residual),
+        torch.empty_like(residual, memory_format=torch.contiguous_format),
         residual.new_empty(residual.shape, dtype=out_dtype),
         residual.new_empty(rows, dtype=torch.float32),
     )
@@ -275,19 +417,14 @@ def _rms_norm_backward_op(
     has_residual: bool,
     need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dy = dy.contiguous()
-    d_residual_out = d_residual_out.contiguous() if d_residual_out is not None else None
-    branch = branch.contiguous() if branch is not None else None
-    if use_triton(_rms_norm_bwd_kernel, x):
-        return _backward_triton(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, has_residual, need_dw)
-    return _backward_reference(dy, d_residual_out, x, weight, eps, branch, alpha, scale, has_residual, need_dw)
+    return _backward(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residual, need_dw)
 
 
 @_rms_norm_backward_op.register_fake
 def _(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residual, need_dw):
     return (
-        torch.empty_like(x),
-        torch.empty_like(x) if has_residual else x.new_empty(0),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format) if has_residual else x.new_empty(0),
         torch.empty_like(weight) if need_dw else weight.new_empty(0),
         x.new_empty(1 if branch is not None else 0, dtype=torch.float32),
     )
@@ -338,6 +475,49 @@ def _add_rms_norm_backward(ctx, d_new_residual, dy, _d_rstd):
 _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
+# --------------------------------------------------------------- eager autograd (no dispatcher)
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        y, rstd, _ = _forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[1]
+        dx, _, dw, _ = _backward(dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw)
+        return dx, (dw if need_dw else None), None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, branch, weight, alpha, scale, eps):
+        y, rstd, new_residual = _forward(branch, weight, eps, residual, alpha, scale)
+        need_dalpha = alpha is not None and ctx.needs_input_grad[3]
+        ctx.save_for_backward(new_residual, weight, rstd, branch if need_dalpha else None, alpha)
+        ctx.scale, ctx.eps, ctx.branch_dtype = scale, eps, branch.dtype
+        return new_residual, y
+
+    @staticmethod
+    def backward(ctx, d_new_residual, dy):
+        new_residual, weight, rstd, branch, alpha = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[2]
+        d_residual, d_branch, dw, d_alpha = _backward(
+            dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw
+        )
+        return (
+            d_residual,
+            d_branch.to(ctx.branch_dtype),
+            dw if need_dw else None,
+            d_alpha.to(alpha.dtype) if branch is not None else None,
+            None,
+            None,
+        )
+
+
 # ------------------------------------------------------------------------------------ public API
 def _check_weight(name: str, x: Tensor, weight: Tensor) -> None:
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
@@ -347,10 +527,26 @@ def _check_weight(name: str, x: Tensor, weight: Tensor) -> None:
         )
 
 
+def _rows(x: Tensor) -> Tensor:
+    """x as contiguous [M, N] rows: what the kernels read, and what the backward gets saved."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """weight * x / rms(x) over the last dimension (Hugging Face Llama numerics). Differentiable."""
-    _check_weight("rms_norm", x, weight)
-    y, _ = _rms_norm_op(x.reshape(-1, x.shape[-1]), weight, float(eps))
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        _check_weight("rms_norm", x, weight)
+    eps = float(eps)
+    how = route(_rms_norm_fwd_kernel, x, weight)
+    if how == REFERENCE:  # the reference takes any shape: no reshaping
+        return _forward_reference(x, weight, eps, None, None, 1.0)[0]
+    rows = _rows(x)
+    if how == CUSTOM_OP:
+        y, _ = _rms_norm_op(rows, weight, eps)
+    elif how == AUTOGRAD:
+        y = _RMSNorm.apply(rows, weight, eps)
+    else:
+        y, _, _ = _forward_triton(rows, weight.contiguous(), eps, None, None, 1.0)
     return y.view(x.shape)
 
 
@@ -359,9 +555,10 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """r' = residual + alpha * branch and rms_norm(r') in one pass; returns (r', rms_norm(r')).
 
-    `alpha` is a float (a constant) or a one-element float32 tensor (e.g. a learnable scale, which
-    then receives its gradient)."""
-    _check_weight("add_rms_norm", residual, weight)
+    `alpha` is a float (a constant, applied in float32) or a one-element float32 tensor (e.g. a
+    learnable scale, which then receives its gradient)."""
+    if weight.dim() != 1 or residual.shape[-1] != weight.shape[0]:
+        _check_weight("add_rms_norm", residual, weight)
     if residual.shape != branch.shape:
         raise ValueError(
             f"add_rms_norm: residual {tuple(residual.shape)} and branch {tuple(branch.shape)} differ in shape"
@@ -372,8 +569,16 @@ def add_rms_norm(
         alpha_tensor, scale = alpha.reshape(1), 1.0
     else:
         alpha_tensor, scale = None, float(alpha)
-    n = residual.shape[-1]
-    new_residual, y, _ = _add_rms_norm_op(
-        residual.reshape(-1, n), branch.reshape(-1, n), weight, alpha_tensor, scale, float(eps)
-    )
+    eps = float(eps)
+    how = route(_rms_norm_fwd_kernel, residual, branch, weight, alpha_tensor)
+    if how == REFERENCE:
+        y, _, new_residual = _forward_reference(branch, weight, eps, residual, alpha_tensor, scale)
+        return new_residual, y
+    r, b = _rows(residual), _rows(branch)
+    if how == CUSTOM_OP:
+        new_residual, y, _ = _add_rms_norm_op(r, b, weight, alpha_tensor, scale, eps)
+    elif how == AUTOGRAD:
+        new_residual, y = _AddRMSNorm.apply(r, b, weight, alpha_tensor, scale, eps)
+    else:
+        y, _, new_residual = _forward_triton(b, weight.contiguous(), eps, r, alpha_tensor, scale)
     return new_residual.view(residual.shape), y.view(residual.shape)

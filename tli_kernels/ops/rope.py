@@ -8,7 +8,9 @@ loaded, so every rope_type transformers computes (default, linear, dynamic, yarn
 goes through unchanged. In place saves an allocation, not bandwidth; autograd cannot record a custom op
 that mutates its inputs, so with grad enabled the functional op writes fresh tensors (the same bytes
 moved) and its backward is the same kernel rotating by -theta. Grads are written to fresh tensors too:
-the incoming gradient may be shared, so it is never overwritten.
+the incoming gradient may be shared, so it is never overwritten. As for every op here, the custom ops
+are what torch.compile sees; eager calls go through an autograd.Function, or straight to the kernel when
+nothing needs a gradient (the decode step of `generate`), see `_triton.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tli_kernels import reference
-from tli_kernels.ops._triton import block_size, jit, tl, use_triton
+from tli_kernels.ops._triton import AUTOGRAD, CUSTOM_OP, REFERENCE, block_size, device_guard, jit, route, tl, use_triton
 
 
 # -------------------------------------------------------------------------------- forward/backward
@@ -93,6 +95,14 @@ def _kernel_layout_ok(x: Tensor) -> bool:
     return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 
+def launch_config(q_heads: int, k_heads: int, head_dim: int) -> dict:
+    """The kernel's constexprs and warps (shared with benchmarks/kernel_resources.py)."""
+    half = head_dim // 2
+    block_half = block_size(half)
+    block_h = min(block_size(max(q_heads, k_heads)), max(1, 4096 // block_half))
+    return {"HALF": half, "BLOCK_H": block_h, "BLOCK_HALF": block_half, "num_warps": 4}
+
+
 def _launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, k_out: Tensor, backward: bool):
     batch, seq_len, q_heads, head_dim = q.shape
     k_heads = k.shape[2]
@@ -103,14 +113,12 @@ def _launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, k_out
     sin = sin.expand(batch, seq_len, head_dim)
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    half = head_dim // 2
-    block_half = block_size(half)
-    block_h = min(block_size(max(q_heads, k_heads)), max(1, 4096 // block_half))
-    _rope_kernel[(batch * seq_len, 2)](
-        q, k, cos, sin, q_out, k_out, seq_len, q_heads, k_heads,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), cos.stride(1),
-        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=4,
-    )  # fmt: skip
+    with device_guard(q):
+        _rope_kernel[(batch * seq_len, 2)](
+            q, k, cos, sin, q_out, k_out, seq_len, q_heads, k_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), cos.stride(1),
+            BACKWARD=backward, **launch_config(q_heads, k_heads, head_dim),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------- reference path (no Triton available)
@@ -121,8 +129,9 @@ def _unrotate_reference(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tup
     return reference.apply_rope(dq, dk, cos, sin_t)
 
 
-# ------------------------------------------------------------------------- custom ops and autograd
+# ------------------------------------------------------- implementations (Triton or the reference)
 def _rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+    """Rotated copies of q and k (by -theta when `backward`: the gradient of the rotation)."""
     q, k = q.contiguous(), k.contiguous()
     if use_triton(_rope_kernel, q):
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)
@@ -133,6 +142,16 @@ def _rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> t
     return reference.apply_rope(q, k, cos, sin)
 
 
+def _rotate_in_place(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    if use_triton(_rope_kernel, q) and _kernel_layout_ok(q) and _kernel_layout_ok(k):
+        _launch(q, k, cos, sin, q, k, backward=False)
+        return
+    q_out, k_out = reference.apply_rope(q, k, cos, sin)
+    q.copy_(q_out)
+    k.copy_(k_out)
+
+
+# --------------------------------------------------------- custom ops (what torch.compile sees)
 @torch.library.custom_op("tli::rope", mutates_args=())
 def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return _rotate(q, k, cos, sin, backward=False)
@@ -173,12 +192,7 @@ _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 @torch.library.custom_op("tli::rope_", mutates_args=("q", "k"))
 def _rope_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
-    if use_triton(_rope_kernel, q) and _kernel_layout_ok(q) and _kernel_layout_ok(k):
-        _launch(q, k, cos, sin, q, k, backward=False)
-        return
-    q_out, k_out = reference.apply_rope(q, k, cos, sin)
-    q.copy_(q_out)
-    k.copy_(k_out)
+    _rotate_in_place(q, k, cos, sin)
 
 
 @_rope_inplace_op.register_fake
@@ -186,13 +200,29 @@ def _(q, k, cos, sin):
     return None
 
 
+# --------------------------------------------------------------- eager autograd (no dispatcher)
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, k, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rotate(dq, dk, cos, sin, backward=True)
+        return dq, dk, None, None
+
+
 # ------------------------------------------------------------------------------------ public API
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inplace: bool | None = None) -> tuple[Tensor, Tensor]:
     """Rotate q [B, S, Hq, D] and k [B, S, Hk, D] by the model's cos/sin ([B or 1, S, D] or [S, D]).
 
     inplace=None rotates in place when autograd does not need to record the op (inference,
-    `generate`), else into new tensors; inplace=True with grad required is an error. cos/sin are
-    treated as constants (the rotary embedding's buffers carry no gradient). Returns (q, k)."""
+    `generate`) and the kernel runs, else into new tensors; inplace=True always rotates q and k
+    themselves (an error with grad required), inplace=False never does. cos/sin are treated as
+    constants (the rotary embedding's buffers carry no gradient). Returns the rotated (q, k): use
+    them, they are q and k only when rotated in place."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"apply_rope: q and k must be [B, S, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     if cos.dim() == 2:
@@ -214,12 +244,25 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inplace: bool 
         )
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("apply_rope: cos/sin must not require grad (the kernel treats them as constants)")
-    grad_needed = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if inplace is None:
-        inplace = not grad_needed
+    how = route(_rope_kernel, q, k)
+    grad_needed = how == AUTOGRAD or (
+        how == CUSTOM_OP and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    )
+    if inplace and grad_needed:
+        raise ValueError("apply_rope: inplace=True cannot be recorded by autograd; pass inplace=None")
+    if how == CUSTOM_OP:
+        if inplace or (inplace is None and not grad_needed):
+            _rope_inplace_op(q, k, cos, sin)
+            return q, k
+        return _rope_op(q, k, cos, sin)
     if inplace:
-        if grad_needed:
-            raise ValueError("apply_rope: inplace=True cannot be recorded by autograd; pass inplace=None")
-        _rope_inplace_op(q, k, cos, sin)
+        _rotate_in_place(q, k, cos, sin)
         return q, k
-    return _rope_op(q, k, cos, sin)
+    if how == AUTOGRAD:
+        return _Rope.apply(q, k, cos, sin)
+    if how == REFERENCE:
+        return reference.apply_rope(q, k, cos, sin)  # new tensors; copying them into q, k would only cost
+    if inplace is None and _kernel_layout_ok(q) and _kernel_layout_ok(k):
+        _launch(q, k, cos, sin, q, k, backward=False)  # in place: nothing records it
+        return q, k
+    return _rotate(q, k, cos, sin, backward=False)

@@ -7,7 +7,7 @@ layer. Rows are addressed by stride, so gate and up can be the two halves of one
 output ([gate | up] along the last dimension) without a copy; the packed op then writes both
 gradients into one [T, 2I] buffer, which is what that GEMM's backward wants. Grid: rows x column
 blocks, int64 row offsets. Rounding follows `LlamaMLP`: silu(g) is rounded to the dtype before the
-product.
+product. Custom ops for torch.compile, an autograd.Function or a direct call in eager (see `_triton.py`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,26 @@ import torch
 from torch import Tensor
 
 from tli_kernels import reference
-from tli_kernels.ops._triton import block_size, cdiv, jit, tl, use_triton
+from tli_kernels.ops._triton import (
+    AUTOGRAD,
+    CUSTOM_OP,
+    REFERENCE,
+    block_size,
+    cdiv,
+    device_guard,
+    jit,
+    route,
+    tl,
+    use_triton,
+)
 
 MAX_BLOCK = 1024
+NUM_WARPS = 4
+
+
+def launch_config(n_cols: int) -> dict:
+    """BLOCK and warps for rows of n_cols (shared with benchmarks/kernel_resources.py)."""
+    return {"BLOCK": min(MAX_BLOCK, block_size(n_cols)), "num_warps": NUM_WARPS}
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -45,9 +62,10 @@ def _forward_triton(g: Tensor, u: Tensor) -> Tensor:
     rows, n_cols = g.shape
     y = torch.empty((rows, n_cols), dtype=g.dtype, device=g.device)
     if rows and n_cols:
-        block = min(MAX_BLOCK, block_size(n_cols))
-        grid = (rows, cdiv(n_cols, block))
-        _swiglu_fwd_kernel[grid](g, u, y, g.stride(0), u.stride(0), n_cols, BLOCK=block, num_warps=4)
+        config = launch_config(n_cols)
+        grid = (rows, cdiv(n_cols, config["BLOCK"]))
+        with device_guard(g):
+            _swiglu_fwd_kernel[grid](g, u, y, g.stride(0), u.stride(0), n_cols, **config)
     return y
 
 
@@ -82,12 +100,12 @@ def _swiglu_bwd_kernel(
 def _backward_triton(dy: Tensor, g: Tensor, u: Tensor, dg: Tensor, du: Tensor) -> None:
     rows, n_cols = g.shape
     if rows and n_cols:
-        block = min(MAX_BLOCK, block_size(n_cols))
-        grid = (rows, cdiv(n_cols, block))
-        _swiglu_bwd_kernel[grid](
-            dy, g, u, dg, du, g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols,
-            BLOCK=block, num_warps=4,
-        )  # fmt: skip
+        config = launch_config(n_cols)
+        grid = (rows, cdiv(n_cols, config["BLOCK"]))
+        with device_guard(g):
+            _swiglu_bwd_kernel[grid](
+                dy, g, u, dg, du, g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols, **config
+            )
 
 
 # ------------------------------------------------------------- reference path (no Triton available)
@@ -99,18 +117,53 @@ def _backward_reference(dy: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tenso
     return dg.to(g.dtype), (dyf * silu).to(u.dtype)
 
 
-# ------------------------------------------------------------------------- custom ops and autograd
+# ------------------------------------------------------- implementations (Triton or the reference)
 def _rows(x: Tensor) -> Tensor:
     """A [M, I] view whose rows may be strided but whose elements are contiguous."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("tli::swiglu", mutates_args=())
-def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+def _forward(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = _rows(gate), _rows(up)
     if use_triton(_swiglu_fwd_kernel, gate):
         return _forward_triton(gate, up)
     return reference.swiglu(gate, up)
+
+
+def _backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    dy, gate, up = dy.contiguous(), _rows(gate), _rows(up)
+    if use_triton(_swiglu_bwd_kernel, gate):
+        dg = gate.new_empty(gate.shape)
+        du = up.new_empty(up.shape)
+        _backward_triton(dy, gate, up, dg, du)
+        return dg, du
+    return _backward_reference(dy, gate, up)
+
+
+def _forward_packed(gate_up: Tensor) -> Tensor:
+    gate_up = gate_up.contiguous()
+    half = gate_up.shape[1] // 2
+    gate, up = gate_up[:, :half], gate_up[:, half:]
+    if use_triton(_swiglu_fwd_kernel, gate_up):
+        return _forward_triton(gate, up)
+    return reference.swiglu(gate, up)
+
+
+def _backward_packed(dy: Tensor, gate_up: Tensor) -> Tensor:
+    dy, gate_up = dy.contiguous(), gate_up.contiguous()
+    half = gate_up.shape[1] // 2
+    gate, up = gate_up[:, :half], gate_up[:, half:]
+    if use_triton(_swiglu_bwd_kernel, gate_up):
+        d_gate_up = torch.empty_like(gate_up)
+        _backward_triton(dy, gate, up, d_gate_up[:, :half], d_gate_up[:, half:])
+        return d_gate_up
+    return torch.cat(_backward_reference(dy, gate, up), dim=1)
+
+
+# --------------------------------------------------------- custom ops (what torch.compile sees)
+@torch.library.custom_op("tli::swiglu", mutates_args=())
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    return _forward(gate, up)
 
 
 @_swiglu_op.register_fake
@@ -120,13 +173,7 @@ def _(gate, up):
 
 @torch.library.custom_op("tli::swiglu_backward", mutates_args=())
 def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    dy, gate, up = dy.contiguous(), _rows(gate), _rows(up)
-    if use_triton(_swiglu_bwd_kernel, gate):
-        dg = gate.new_empty(gate.shape)
-        du = up.new_empty(up.shape)
-        _backward_triton(dy, gate, up, dg, du)
-        return dg, du
-    return _backward_reference(dy, gate, up)
+    return _backward(dy, gate, up)
 
 
 @_swiglu_backward_op.register_fake
@@ -148,12 +195,7 @@ _swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 @torch.library.custom_op("tli::swiglu_packed", mutates_args=())
 def _swiglu_packed_op(gate_up: Tensor) -> Tensor:
-    gate_up = gate_up.contiguous()
-    half = gate_up.shape[1] // 2
-    gate, up = gate_up[:, :half], gate_up[:, half:]
-    if use_triton(_swiglu_fwd_kernel, gate_up):
-        return _forward_triton(gate, up)
-    return reference.swiglu(gate, up)
+    return _forward_packed(gate_up)
 
 
 @_swiglu_packed_op.register_fake
@@ -163,14 +205,7 @@ def _(gate_up):
 
 @torch.library.custom_op("tli::swiglu_packed_backward", mutates_args=())
 def _swiglu_packed_backward_op(dy: Tensor, gate_up: Tensor) -> Tensor:
-    dy, gate_up = dy.contiguous(), gate_up.contiguous()
-    half = gate_up.shape[1] // 2
-    gate, up = gate_up[:, :half], gate_up[:, half:]
-    if use_triton(_swiglu_bwd_kernel, gate_up):
-        d_gate_up = torch.empty_like(gate_up)
-        _backward_triton(dy, gate, up, d_gate_up[:, :half], d_gate_up[:, half:])
-        return d_gate_up
-    return torch.cat(_backward_reference(dy, gate, up), dim=1)
+    return _backward_packed(dy, gate_up)
 
 
 @_swiglu_packed_backward_op.register_fake
@@ -190,6 +225,29 @@ def _swiglu_packed_backward(ctx, dy):
 _swiglu_packed_op.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_packed_setup)
 
 
+# --------------------------------------------------------------- eager autograd (no dispatcher)
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(dy, *ctx.saved_tensors)
+
+
+class _SwiGLUPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _forward_packed(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward_packed(dy, *ctx.saved_tensors)
+
+
 # ------------------------------------------------------------------------------------ public API
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up for two tensors of the same shape [..., I]. Differentiable."""
@@ -197,8 +255,18 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         raise ValueError(
             f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match"
         )
+    how = route(_swiglu_fwd_kernel, gate, up)
+    if how == REFERENCE:
+        return reference.swiglu(gate, up)  # any shape: no reshaping needed
     n = gate.shape[-1]
-    return _swiglu_op(gate.reshape(-1, n), up.reshape(-1, n)).view(gate.shape)
+    g, u = gate.reshape(-1, n), up.reshape(-1, n)
+    if how == CUSTOM_OP:
+        y = _swiglu_op(g, u)
+    elif how == AUTOGRAD:
+        y = _SwiGLU.apply(g, u)
+    else:
+        y = _forward(g, u)
+    return y.view(gate.shape)
 
 
 def swiglu_packed(gate_up: Tensor) -> Tensor:
@@ -207,5 +275,12 @@ def swiglu_packed(gate_up: Tensor) -> Tensor:
     width = gate_up.shape[-1]
     if width % 2:
         raise ValueError(f"swiglu_packed: last dimension must be even ([gate | up]), got {width}")
-    out = _swiglu_packed_op(gate_up.reshape(-1, width))
+    rows = gate_up.reshape(-1, width)
+    how = route(_swiglu_fwd_kernel, rows)
+    if how == CUSTOM_OP:
+        out = _swiglu_packed_op(rows)
+    elif how == AUTOGRAD:
+        out = _SwiGLUPacked.apply(rows)
+    else:
+        out = _forward_packed(rows)
     return out.view(*gate_up.shape[:-1], width // 2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tli_kernels.reference.scaled_add import scaled_add
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / rms(x)), statistics in float32, the normalised value rounded to x's dtype before
@@ -21,7 +23,7 @@ def add_rms_norm(
     alpha: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """r' = residual + alpha * branch (in float32, rounded to residual's dtype); returns (r', rms_norm(r'))."""
-    new_residual = (residual.float() + alpha * branch.float()).to(residual.dtype)
+    new_residual = scaled_add(residual, branch, alpha)
     return new_residual, rms_norm(new_residual, weight, eps)
 
 

@@ -50,3 +50,18 @@ def test_scale_gradient_flows():
     trainee(x).float().square().mean().backward()
     g = trainee.residual_scales["2"].grad
     assert g is not None and g.abs().item() > 0
+
+
+def test_alpha_is_applied_in_float32_on_bf16_outputs():
+    """alpha = 0.3 has no bf16 value: the hook multiplies in float32 and rounds the product once."""
+    lm = build_model(FAMILIES["llama"]).to(torch.bfloat16)
+    trainee = Trainee(lm, [1])
+    captured = {}
+    attn = trainee.lm.model.layers[1].self_attn
+    attn.register_forward_hook(lambda m, a, out: captured.update(scaled=out[0]))  # after tli's hook
+    raw = {}
+    attn.o_proj.register_forward_hook(lambda m, a, out: raw.update(out=out))
+    with torch.no_grad():
+        trainee.residual_scales["1"].fill_(0.3)
+        trainee(torch.randint(0, 128, (1, 8)))
+    assert torch.equal(captured["scaled"], (raw["out"].float() * 0.3).to(torch.bfloat16))

@@ -74,10 +74,15 @@ class Trainee(nn.Module):
 
     def _scale_hook(self, key: str):
         # Look the parameter up at call time: FSDP2 swaps sharded and unsharded tensors in place.
+        # alpha stays float32: the product is taken in float32 and rounded once (as the kernels and
+        # the fold do), not alpha first rounded to a bf16 output's dtype.
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            return (x.float() * self.residual_scales[key]).to(x.dtype)
+
         def hook(module, inputs, output):
             if isinstance(output, tuple):  # attention blocks return (output, weights, ...)
-                return (output[0] * self.residual_scales[key].to(output[0].dtype),) + tuple(output[1:])
-            return output * self.residual_scales[key].to(output.dtype)
+                return (scale(output[0]),) + tuple(output[1:])
+            return scale(output)
 
         return hook
 

@@ -25,6 +25,7 @@ import struct
 from dataclasses import dataclass, field
 
 from tli_kernels.checkpoint.errors import CheckpointError
+from tli_kernels.checkpoint.validate import FileStat, open_regular, parse_json
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -50,7 +51,7 @@ DTYPE_SIZES: dict[str, int] = {
 ARITHMETIC_DTYPES = ("BF16", "F16", "F32")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of one file: where its bytes lie, absolute in the file."""
 
@@ -73,6 +74,7 @@ class FileHeader:
     header_bytes: int  # N, the JSON length (with padding)
     metadata: dict[str, str] | None
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    stat: FileStat | None = None  # of the file whose header this is, when it was read (sources.py)
 
     @property
     def data_start(self) -> int:
@@ -84,45 +86,77 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
 
 
 def read_header(path: str) -> FileHeader:
-    """Read and validate the header of one safetensors file; raises CheckpointError on any breach."""
+    """Read and validate the header of one safetensors file; raises CheckpointError on any breach.
+
+    A FIFO or device named *.safetensors is refused before it is read (validate.open_regular).
+    """
     path = os.path.abspath(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(f"file is {size} bytes, shorter than the 8-byte header length", path)
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"header length {n} exceeds the 100 MB limit (corrupt file?)", path)
-            if 8 + n > size:
-                raise CheckpointError(f"header length {n} runs past the end of the {size}-byte file", path)
-            raw = f.read(n)
+        fd = open_regular(path, "safetensors file")
+    except FileNotFoundError:
+        raise CheckpointError("does not exist (a broken link?)", path) from None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if size < 8:
+            raise CheckpointError(f"file is {size} bytes, shorter than the 8-byte header length", path)
+        (n,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path))
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"header length {n} exceeds the 100 MB limit (corrupt file?)", path)
+        if 8 + n > size:
+            raise CheckpointError(f"header length {n} runs past the end of the {size}-byte file", path)
+        raw = _pread_exact(fd, n, 8, path)
+        if os.fstat(fd).st_size != size:
+            raise CheckpointError("file changed size while its header was read", path)
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
-    return parse_header(raw, path, size)
+    finally:
+        os.close(fd)
+    header = parse_header(raw, path, size)
+    header.stat = FileStat(st)
+    return header
+
+
+def _pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        block = os.pread(fd, min(n - got, 64 << 20), offset + got)
+        if not block:
+            raise CheckpointError(f"file ended at byte {offset + got} while reading its header", path)
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
 
 
 def parse_header(raw: bytes, path: str, size: int) -> FileHeader:
     if not raw.startswith(b"{"):
         raise CheckpointError("header does not start with '{' (not a safetensors file?)", path)
-    try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})", path) from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"header is not valid JSON ({e.msg} at byte {e.pos})", path) from e
+    header_len = len(raw)
+    obj = parse_json(raw, path, "header", object_pairs_hook=_no_duplicate_keys(path), check_strings=False)
+    del raw
     if not isinstance(obj, dict):
         raise CheckpointError("header is not a JSON object", path)
 
     metadata = obj.pop("__metadata__", None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) and _valid_text(v) for v in metadata.values())
+    ):
         raise CheckpointError("__metadata__ must map strings to strings", path)
+    if metadata is not None and not all(_valid_text(k) for k in metadata):
+        raise CheckpointError("__metadata__ has a key that is not valid Unicode (a lone surrogate)", path)
 
-    data_start = 8 + len(raw)
+    data_start = 8 + header_len
     data_len = size - data_start
     spans: list[tuple[int, int, str]] = []
-    header = FileHeader(path=path, size=size, header_bytes=len(raw), metadata=metadata)
-    for name, info in obj.items():
+    header = FileHeader(path=path, size=size, header_bytes=data_start - 8, metadata=metadata)
+    # Entries are consumed as they are checked, so the parsed dicts and the TensorEntries do not
+    # both exist in full (a legal header may be 100 MB).
+    for name in list(obj):
+        info = obj.pop(name)
+        if not _valid_text(name):
+            raise CheckpointError(
+                f"tensor name {name!r} holds a lone UTF-16 surrogate (a \\ud8xx escape): not valid Unicode", path
+            )
         dtype, shape, (begin, end) = _check_entry(name, info, path)
         expected = tensor_nbytes(dtype, shape)
         if end - begin != expected:
@@ -164,8 +198,8 @@ def _check_entry(name: str, info: object, path: str) -> tuple[str, tuple[int, ..
     if not isinstance(info, dict):
         raise CheckpointError("header entry is not an object", path, name)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"unknown dtype {dtype!r}", path, name)
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"unknown dtype {str(dtype)[:40]!r}", path, name)
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise CheckpointError(f"shape {shape!r} is not a list of non-negative integers", path, name)
     if (
@@ -178,17 +212,30 @@ def _check_entry(name: str, info: object, path: str) -> tuple[str, tuple[int, ..
     return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
+def _valid_text(s: str) -> bool:
+    """False for strings with lone surrogates, which JSON escapes allow but UTF-8 cannot encode."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_uint(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _no_duplicate_keys(path: str):
     def hook(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise CheckpointError(f"tensor {k!r} appears twice in the header", path, k)
-            seen[k] = v
+        seen = dict(pairs)
+        if len(seen) != len(pairs):
+            counts: dict[str, int] = {}
+            for k, _ in pairs:
+                counts[k] = counts.get(k, 0) + 1
+                if counts[k] > 1:
+                    raise CheckpointError(f"{k!r} appears twice in one object of the header", path)
         return seen
 
     return hook

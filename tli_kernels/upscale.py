@@ -8,7 +8,6 @@ Engines: "native" (the C++ streaming engine, the default when the extension is b
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ def upscale(
     )
     if dry_run:
         return result
-    output.check_free_disk(dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst)), plan, todo, need)
+    output.check_free_disk(dst, plan, todo, need)
     if continuing:
         out = OutputDir(dst)
         output.remove_partials(out, plan, todo)

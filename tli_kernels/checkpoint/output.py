@@ -217,8 +217,9 @@ class SourceExtents:
 
 
 def check_free_disk(dst: str, plan: SurgeryPlan, shards: list[int], need: int | None = None) -> None:
+    """Raise unless the file system DST is (or will be) on has `need` bytes free; names DST."""
     need = bytes_to_write(plan, shards) if need is None else need
-    have = free_bytes(dst)
+    have = free_bytes(dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst)))
     if need > have:
         raise ValueError(
             f"not enough free disk for {dst}: the output needs {_size(need)}, the file system has {_size(have)} free"

@@ -78,7 +78,7 @@ def open_source(h: FileHeader) -> tuple[int, FileStat]:
         change = f"its size changed ({h.size} -> {now.size} bytes)"
     if change:
         os.close(fd)
-        raise CheckpointError(f"source file changed after its header was read: {change}; nothing was written", h.path)
+        raise CheckpointError(f"source file changed since its header was read: {change}", h.path)
     return fd, now
 
 

@@ -77,7 +77,7 @@ def is_complete(dst: str) -> bool:
 
 
 # ---- running the CLI in-process, with a hang alarm ---------------------------------------------------
-class Hang(Exception):
+class Hang(BaseException):  # not an Exception: the CLI's last-resort handler must not swallow it
     pass
 
 
@@ -133,7 +133,8 @@ def check_run(argv: list[str], src: str, dst: str, area: str, names: tuple[str, 
             problems.append("traceback or internal error")
         if os.path.isdir(dst) and is_complete(dst) and (dst_before is None or snapshot(dst) != dst_before):
             problems.append("a failed run left a folder that looks complete")
-    if code == 0 and argv[0] == "upscale" and "--dry-run" not in argv and "--part" not in argv:
+    partial_run = any(a == "--dry-run" or a.startswith("--part") for a in argv)
+    if code == 0 and argv[0] == "upscale" and not partial_run:
         if not is_complete(dst):
             problems.append("exit 0 but DST is not complete")
         else:

@@ -75,8 +75,13 @@ class OutShard:
     tensors: list[OutTensor]
 
     def header_bytes(self) -> bytes:
-        """The exact header (length prefix included) both executors write."""
-        return build_header([(t.name, t.dtype, t.shape) for t in self.tensors], SHARD_METADATA)
+        """The exact header (length prefix included) both executors write. Built once per shard
+        (plans are not changed once built): a shard of 200k tensors takes seconds to build."""
+        key = (id(self.tensors), len(self.tensors))
+        if self.__dict__.get("_header_key") != key:
+            self.__dict__["_header"] = build_header([(t.name, t.dtype, t.shape) for t in self.tensors], SHARD_METADATA)
+            self.__dict__["_header_key"] = key
+        return self.__dict__["_header"]
 
     @property
     def data_bytes(self) -> int:
@@ -184,10 +189,13 @@ class SurgeryPlan:
         )
 
     def digest(self) -> str:
-        """sha256 of the plan's data ops and config (not of where the source lives)."""
-        obj = self.to_json()
-        obj["source"] = {k: v for k, v in self.source.items() if k != "path"}
-        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        """sha256 of the plan's data ops and config (not of where the source lives). Computed once
+        (plans are not changed once built; a run asks for it many times)."""
+        if "_digest" not in self.__dict__:
+            obj = self.to_json()
+            obj["source"] = {k: v for k, v in self.source.items() if k != "path"}
+            self.__dict__["_digest"] = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        return self.__dict__["_digest"]
 
 
 def _numel(shape) -> int:

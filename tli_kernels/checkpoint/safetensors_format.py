@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
+from json.decoder import scanstring
 
 from tli_kernels.checkpoint.errors import CheckpointError
-from tli_kernels.checkpoint.validate import FileStat, open_regular, parse_json
+from tli_kernels.checkpoint.validate import FileStat, decode_utf8, open_regular
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -112,7 +114,11 @@ def read_header(path: str) -> FileHeader:
         raise CheckpointError(f"cannot read: {e.strerror or e}", path) from e
     finally:
         os.close(fd)
-    header = parse_header(raw, path, size)
+    if not raw.startswith(b"{"):
+        raise CheckpointError("header does not start with '{' (not a safetensors file?)", path)
+    box = [decode_utf8(raw, path, "header")]
+    del raw  # a legal header is up to 100 MB: the bytes, the text and the entries never all coexist
+    header = _parse_text(box, n, path, size)
     header.stat = FileStat(st)
     return header
 
@@ -129,30 +135,27 @@ def _pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
 
 
 def parse_header(raw: bytes, path: str, size: int) -> FileHeader:
+    """Validate header bytes (the N bytes after the length prefix) of a file of `size` bytes."""
     if not raw.startswith(b"{"):
         raise CheckpointError("header does not start with '{' (not a safetensors file?)", path)
-    header_len = len(raw)
-    obj = parse_json(raw, path, "header", object_pairs_hook=_no_duplicate_keys(path), check_strings=False)
-    del raw
-    if not isinstance(obj, dict):
-        raise CheckpointError("header is not a JSON object", path)
+    return _parse_text([decode_utf8(raw, path, "header")], len(raw), path, size)
 
-    metadata = obj.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) and _valid_text(v) for v in metadata.values())
-    ):
-        raise CheckpointError("__metadata__ must map strings to strings", path)
-    if metadata is not None and not all(_valid_text(k) for k in metadata):
-        raise CheckpointError("__metadata__ has a key that is not valid Unicode (a lone surrogate)", path)
 
+def _parse_text(box: list[str], header_len: int, path: str, size: int) -> FileHeader:
+    """box: [the header text], emptied here so the text is freed as soon as it is parsed."""
+    text = box.pop()
     data_start = 8 + header_len
     data_len = size - data_start
-    spans: list[tuple[int, int, str]] = []
-    header = FileHeader(path=path, size=size, header_bytes=data_start - 8, metadata=metadata)
-    # Entries are consumed as they are checked, so the parsed dicts and the TensorEntries do not
-    # both exist in full (a legal header may be 100 MB).
-    for name in list(obj):
-        info = obj.pop(name)
+    header = FileHeader(path=path, size=size, header_bytes=header_len, metadata=None)
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    # Entries are parsed and checked one at a time (_top_level_items), so a legal 100 MB header
+    # never exists as a whole tree of Python dicts next to its TensorEntries.
+    for name, info in _top_level_items(text, path):
+        if name == "__metadata__":
+            header.metadata = _check_metadata(info, path)
+            continue
+        if name in header.tensors:
+            raise CheckpointError(f"tensor {name!r} appears twice in the header", path, name)
         if not _valid_text(name):
             raise CheckpointError(
                 f"tensor name {name!r} holds a lone UTF-16 surrogate (a \\ud8xx escape): not valid Unicode", path
@@ -165,12 +168,13 @@ def parse_header(raw: bytes, path: str, size: int) -> FileHeader:
                 path,
                 name,
             )
-        spans.append((begin, end, name))
+        shape = shapes.setdefault(shape, shape)  # one tuple per distinct shape, not per tensor
         header.tensors[name] = TensorEntry(name, dtype, shape, path, data_start + begin, expected)
+    del text, shapes
 
-    spans.sort()
     cursor, previous = 0, None
-    for begin, end, name in spans:
+    for t in sorted(header.tensors.values(), key=_by_offset):
+        begin, end, name = t.offset - data_start, t.offset - data_start + t.nbytes, t.name
         if begin < cursor:
             raise CheckpointError(
                 f"data_offsets [{begin}, {end}] overlap the previous tensor {previous!r} (ends at {cursor})",
@@ -194,22 +198,84 @@ def parse_header(raw: bytes, path: str, size: int) -> FileHeader:
     return header
 
 
+def _by_offset(t: TensorEntry) -> tuple[int, int]:
+    return t.offset, t.nbytes
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _top_level_items(text: str, path: str):
+    """(key, value) of the header's top-level object, one at a time: keys by the C string scanner,
+    each value (a small object) by the C JSON scanner. Errors name the file and the byte."""
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys(path))
+
+    def fail(msg: str, pos: int):
+        raise CheckpointError(f"header is not valid JSON ({msg} at character {pos})", path)
+
+    try:
+        i = _WS.match(text, 1).end()
+        if text.startswith("}", i):
+            i += 1
+        else:
+            while True:
+                if not text.startswith('"', i):
+                    fail("expecting a tensor name in double quotes", i)
+                key, i = scanstring(text, i + 1)
+                i = _WS.match(text, i).end()
+                if not text.startswith(":", i):
+                    fail("expecting ':'", i)
+                i = _WS.match(text, i + 1).end()
+                value, i = decoder.raw_decode(text, i)
+                yield key, value
+                i = _WS.match(text, i).end()
+                if text.startswith(",", i):
+                    i = _WS.match(text, i + 1).end()
+                elif text.startswith("}", i):
+                    i += 1
+                    break
+                else:
+                    fail("expecting ',' or '}'", i)
+        if text[i:].strip(" "):
+            fail("trailing characters after the object (only space padding is allowed)", i)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"header is not valid JSON ({e.msg} at character {e.pos})", path) from None
+    except RecursionError:
+        raise CheckpointError("header is nested too deeply to be read (over ~1000 levels of [ or {)", path) from None
+    except ValueError as e:  # int() refusing more than sys.get_int_max_str_digits() digits
+        if isinstance(e, CheckpointError):
+            raise
+        reason = " ".join(str(e).split()[:12])
+        raise CheckpointError(f"header holds a number tli cannot read ({reason})", path) from None
+
+
+def _check_metadata(metadata: object, path: str) -> dict[str, str]:
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) and _valid_text(v) for v in metadata.values())):
+        raise CheckpointError("__metadata__ must map strings to strings", path)
+    if not all(_valid_text(k) for k in metadata):
+        raise CheckpointError("__metadata__ has a key that is not valid Unicode (a lone surrogate)", path)
+    return metadata
+
+
 def _check_entry(name: str, info: object, path: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
     if not isinstance(info, dict):
         raise CheckpointError("header entry is not an object", path, name)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(f"unknown dtype {str(dtype)[:40]!r}", path, name)
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise CheckpointError(f"shape {shape!r} is not a list of non-negative integers", path, name)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_uint(o) for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise CheckpointError(f"data_offsets {offsets!r} are not [begin, end] with begin <= end", path, name)
+    if not _uint_list(shape):
+        raise CheckpointError(f"shape {str(shape)[:80]} is not a list of non-negative integers", path, name)
+    if not _uint_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CheckpointError(f"data_offsets {str(offsets)[:80]} are not [begin, end] with begin <= end", path, name)
     return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+_INT_ONLY = {int}
+
+
+def _uint_list(x: object) -> bool:
+    """A list of non-negative ints (not bools); C-level checks, as a header may hold a million."""
+    return type(x) is list and (not x or (set(map(type, x)) <= _INT_ONLY and min(x) >= 0))
 
 
 def _valid_text(s: str) -> bool:
@@ -221,10 +287,6 @@ def _valid_text(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _is_uint(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _no_duplicate_keys(path: str):

@@ -345,9 +345,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:
+        args = build_parser().parse_args(argv)
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
         return handler(args)
     except KeyboardInterrupt:
         print("tli: interrupted; nothing incomplete was left looking complete (finish with --resume)", file=sys.stderr)

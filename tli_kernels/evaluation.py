@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, quiet: bool = 
         ("unexpected_keys", "the weights hold tensors that config.json does not describe"),
         ("mismatched_keys", "tensors have other shapes than config.json describes"),
     ):  # fmt: skip
-        names = sorted(_key_name(k) for k in info.get(key) or ())
+        names = sorted(n for n in map(_key_name, info.get(key) or ()) if not _LEGACY_BUFFER.search(n))
         if names:
             raise ValueError(f"{path}: {what}: {len(names)} tensor(s), e.g. {', '.join(names[:3])}")
     model.eval()
@@ -65,6 +66,10 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, quiet: bool = 
     if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+# Buffers old checkpoints saved that current transformers recomputes (not weights of the model).
+_LEGACY_BUFFER = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 
 def _key_name(key) -> str:

@@ -255,8 +255,8 @@ class Run:
                 problems.append("a killed run left a complete-looking folder that differs from the reference")
             if proc.returncode == 0:
                 break
-        if os.path.lexists(os.path.join(dst, INCOMPLETE_MARKER)) or not os.path.exists(dst):
-            extra = ["--resume"] if os.path.exists(dst) else []
+        if not F.is_complete(dst):  # a marker: --resume; killed before the marker landed: run again
+            extra = ["--resume"] if os.path.lexists(os.path.join(dst, INCOMPLETE_MARKER)) else []
             outcome = F.check_run(["upscale", src, dst, *args, "--quiet", *extra], src, dst, base)
             problems += outcome.problems
         if sorted(os.listdir(dst)) != sorted(os.listdir(ref)):
@@ -314,6 +314,8 @@ class Run:
 
 
 def _kind(outcome) -> str:
+    if outcome.code == 2:
+        return "exit 2 (usage)"
     if outcome.problems:
         return "finding"
     if outcome.code == 0:
@@ -329,7 +331,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=int, default=None, help="run just this seed (the family it drew)")
     p.add_argument("--json", default=None, help="write the findings and counts here")
     p.add_argument("--keep", action="store_true", help="keep the case folders (default: removed)")
+    p.add_argument("--hang-seconds", type=int, default=10, help="a command running longer counts as a hang")
     args = p.parse_args(argv)
+    F.HANG_SECONDS = args.hang_seconds
     families = [f for f in args.families.split(",") if f]
     bad = [f for f in families if f not in FAMILIES]
     if bad:

@@ -226,6 +226,7 @@ def execute_native(
         engine = _native.Engine(
             files, job, threads=mem.threads, out_dir_fd=out.fd, sidecar_dir_fd=side_dir.fd if side_dir else -1, **knobs
         )
+        del job  # the engine holds its own copy; a job of a million tensors is hundreds of MB of tuples
     finally:
         if side_dir is not None:
             side_dir.close()

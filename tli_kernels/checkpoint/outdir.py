@@ -44,15 +44,18 @@ class OutputDir:
         if _fd is not None:
             self.fd = _fd
             return
+        made = False
         if create:
             try:
                 os.mkdir(self.path, 0o755)
+                made = True
             except FileExistsError:
                 pass
             except OSError as e:
                 raise OSError(e.errno, f"cannot create the output folder: {e.strerror}", self.path) from None
         try:
-            self.fd = os.open(self.path, _O_DIR)
+            # A folder this call made must still be that folder, not a link swapped in since.
+            self.fd = os.open(self.path, _O_DIR | (os.O_NOFOLLOW if made else 0))
         except OSError as e:
             raise OSError(e.errno, f"cannot open the output folder: {e.strerror}", self.path) from None
 

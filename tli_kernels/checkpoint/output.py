@@ -111,8 +111,8 @@ def check_destination(
             return  # another part is creating the marker right now (its temporary file is all there is)
         if resume:
             raise ValueError(f"--resume: {dst} holds no unfinished tli output ({INCOMPLETE_MARKER} missing)")
-    if not os.listdir(dst):
-        return
+    if not [n for n in os.listdir(dst) if not n.startswith(INCOMPLETE_MARKER + ".tmp-")]:
+        return  # empty, or a run killed while writing its marker left only the temporary file
     if not overwrite:
         raise ValueError(f"DST {dst} already exists; pass --overwrite to replace it (or --resume to finish it)")
     if link:

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from json.decoder import scanstring
 
@@ -303,22 +304,31 @@ def _no_duplicate_keys(path: str):
     return hook
 
 
-def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+def build_header(tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
     """The header bytes (length prefix included) for tensors laid out in the given order.
 
-    Deterministic: compact JSON, tensors in order, padded with spaces to a multiple of 8 bytes so
-    the data buffer is 8-byte aligned (as the safetensors writer does).
+    Deterministic: compact JSON (exactly json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    of {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}), tensors in order,
+    padded with spaces to a multiple of 8 bytes so the data buffer is 8-byte aligned (as the
+    safetensors writer does). Written entry by entry into one buffer: a header of a million
+    tensors never exists as a tree of dicts.
     """
-    obj: dict[str, object] = {}
+    out = bytearray(b"{")
     if metadata:
-        obj["__metadata__"] = metadata
+        out += b'"__metadata__":' + json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     offset = 0
-    for name, dtype, shape in tensors:
+    for name, dtype, shape in tensors:  # names are unique (validate_plan, the writers' own lists)
         nbytes = tensor_nbytes(dtype, shape)
-        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        if len(out) > 1:
+            out += b","
+        out += json.dumps(name, ensure_ascii=False).encode("utf-8")
+        out += f':{{"dtype":{json.dumps(dtype)},"shape":[{",".join(map(str, shape))}],'.encode()
+        out += f'"data_offsets":[{offset},{offset + nbytes}]}}'.encode()
         offset += nbytes
-    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ValueError(f"output header would be {len(raw)} bytes, over the 100 MB safetensors limit")
-    return struct.pack("<Q", len(raw)) + raw
+        if len(out) > MAX_HEADER_BYTES:
+            break
+    out += b"}"
+    out += b" " * (-len(out) % 8)
+    if len(out) > MAX_HEADER_BYTES:
+        raise ValueError(f"output header would be over {len(out)} bytes, over the 100 MB safetensors limit")
+    return struct.pack("<Q", len(out)) + bytes(out)

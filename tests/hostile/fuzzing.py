@@ -225,7 +225,7 @@ def mutate_header(src: str, rng: random.Random) -> str:
     n, raw, rest = read_raw_header(path)
     try:
         json.loads(raw)
-    except ValueError:  # an earlier mutation broke it: flip a byte of what is there
+    except (ValueError, RecursionError):  # an earlier mutation broke it: flip a byte of what is there
         b = bytearray(raw or b" ")
         b[rng.randrange(len(b))] = rng.randrange(256)
         write_raw(path, n, bytes(b), rest)
@@ -293,7 +293,7 @@ def _load_or_flip(path: str, rng: random.Random):
         data = f.read()
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         b = bytearray(data or b" ")
         b[rng.randrange(len(b))] = rng.randrange(256)
         with open(path, "wb") as f:

@@ -1,6 +1,7 @@
 // Python bindings of the streaming engine: the only file that sees Python. It converts the job
 // that tli_kernels/checkpoint/executor_native.py resolved (plain tuples) into engine structs and
 // releases the GIL around anything that waits. All argument checking happens in Python.
+#include <fcntl.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -21,16 +22,36 @@ using SourceTuple = std::tuple<uint32_t, uint64_t, int>;
 // (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, sources)
 using TensorTuple =
     std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, std::vector<SourceTuple>>;
+// (path, size, dev, ino, mtime_ns, ctime_ns): a source file and the identity its header was read with
+using FileTuple = std::tuple<std::string, uint64_t, uint64_t, uint64_t, int64_t, int64_t>;
 // (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors)
 using ShardTuple = std::tuple<std::string, int, std::string, uint64_t, std::string, std::string, std::vector<TensorTuple>>;
 
-std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string, uint64_t>>& files,
-                                         const std::vector<ShardTuple>& shards, int threads, uint64_t buffer_bytes,
-                                         uint64_t copy_chunk, bool copy_file_range, bool sparse, bool writeback,
-                                         bool fsync, int checksum, uint32_t test_chunk_delay_us,
-                                         bool drop_written, uint64_t drop_lag) {
+// The engine owns the folder fds it is given: dup them (close-on-exec) so Python may close its own.
+int dup_fd(int fd) {
+  if (fd < 0) return -1;
+  const int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (d < 0) throw std::runtime_error("cannot duplicate the output folder's file descriptor");
+  return d;
+}
+
+std::unique_ptr<tli::Engine> make_engine(const std::vector<FileTuple>& files, const std::vector<ShardTuple>& shards,
+                                         int threads, uint64_t buffer_bytes, uint64_t copy_chunk, bool copy_file_range,
+                                         bool sparse, bool writeback, bool fsync, int checksum,
+                                         uint32_t test_chunk_delay_us, bool drop_written, uint64_t drop_lag,
+                                         int out_dir_fd, int sidecar_dir_fd, bool check_finite) {
   tli::Job job;
-  for (const auto& [path, size] : files) job.files.push_back({path, size});
+  for (const auto& [path, size, dev, ino, mtime, ctime] : files) {
+    tli::SourceFile f;
+    f.path = path;
+    f.size = size;
+    f.dev = dev;
+    f.ino = ino;
+    f.mtime_ns = mtime;
+    f.ctime_ns = ctime;
+    f.has_identity = dev != 0 || ino != 0;
+    job.files.push_back(f);
+  }
   for (const auto& [path, mode, header, file_size, sidecar, sidecar_template, tensors] : shards) {
     tli::ShardTask s;
     s.path = path;
@@ -67,6 +88,14 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<std::pair<std::string
   job.options.test_chunk_delay_us = test_chunk_delay_us;
   job.options.drop_written = drop_written;
   job.options.drop_lag = drop_lag;
+  job.options.check_finite = check_finite;
+  job.options.out_dir_fd = dup_fd(out_dir_fd);
+  try {
+    job.options.sidecar_dir_fd = dup_fd(sidecar_dir_fd);
+  } catch (...) {
+    if (job.options.out_dir_fd >= 0) ::close(job.options.out_dir_fd);
+    throw;
+  }
   return std::make_unique<tli::Engine>(std::move(job));
 }
 
@@ -79,7 +108,8 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init(&make_engine), py::arg("files"), py::arg("shards"), py::arg("threads"), py::arg("buffer_bytes"),
            py::arg("copy_chunk"), py::arg("copy_file_range"), py::arg("sparse"), py::arg("writeback"),
            py::arg("fsync"), py::arg("checksum") = 1, py::arg("test_chunk_delay_us") = 0,
-           py::arg("drop_written") = true, py::arg("drop_lag") = 256 << 20)
+           py::arg("drop_written") = true, py::arg("drop_lag") = 256 << 20, py::arg("out_dir_fd") = -1,
+           py::arg("sidecar_dir_fd") = -1, py::arg("check_finite") = true)
       .def("start", &tli::Engine::start, py::call_guard<py::gil_scoped_release>())
       .def("wait", &tli::Engine::wait, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("cancel", &tli::Engine::cancel)

@@ -123,6 +123,7 @@ Checksum checksum_range(int fd, uint64_t begin, uint64_t end, unsigned char* buf
 }
 
 int64_t mtime_ns(const struct stat& st) { return int64_t(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec; }
+int64_t ctime_ns(const struct stat& st) { return int64_t(st.st_ctim.tv_sec) * 1000000000LL + st.st_ctim.tv_nsec; }
 
 std::string dirname_of(const std::string& path) {
   const auto slash = path.rfind('/');
@@ -137,25 +138,46 @@ std::string hex_checksum(const Checksum& c) {
   return buf;
 }
 
-void write_file_atomic(const std::string& path, const std::string& content) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw output_failure("cannot create", tmp, "", errno);
+// A new file `name` in the folder dir_fd: whatever had that name is unlinked first (a link
+// itself, never its target), then it is created with O_EXCL | O_NOFOLLOW, so a planted symbolic
+// link or a hard link to someone else's file is never written through.
+int create_in(int dir_fd, const std::string& name, int flags, const std::string& path_for_messages) {
+  if (::unlinkat(dir_fd, name.c_str(), 0) != 0 && errno != ENOENT)
+    throw output_failure("cannot remove the old file", path_for_messages, "", errno);
+  const int fd = ::openat(dir_fd, name.c_str(), flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) throw output_failure("cannot create", path_for_messages, "", errno);
+  return fd;
+}
+
+void write_file_atomic(int dir_fd, const std::string& path, const std::string& content) {
+  const auto slash = path.rfind('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  const std::string tmp = name + ".tmp";
+  const int fd = create_in(dir_fd, tmp, O_WRONLY, path + ".tmp");
   try {
-    pwrite_all(fd, reinterpret_cast<const unsigned char*>(content.data()), content.size(), 0, tmp, "");
-    if (::fsync(fd) != 0) throw output_failure("fsync failed", tmp, "", errno);
+    pwrite_all(fd, reinterpret_cast<const unsigned char*>(content.data()), content.size(), 0, path, "");
+    if (::fsync(fd) != 0) throw output_failure("fsync failed", path, "", errno);
   } catch (...) {
     ::close(fd);
-    ::unlink(tmp.c_str());
+    ::unlinkat(dir_fd, tmp.c_str(), 0);
     throw;
   }
   ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) throw output_failure("cannot rename into place", path, "", errno);
+  if (::renameat(dir_fd, tmp.c_str(), dir_fd, name.c_str()) != 0)
+    throw output_failure("cannot rename into place", path, "", errno);
+}
+
+bool is_regular_fd(int fd) {
+  struct stat st;
+  return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 }  // namespace
 
 Engine::Engine(Job job) : job_(std::move(job)) {
+  // The folder fds handed in are ours from here on (bindings.cpp dups them).
+  if (job_.options.out_dir_fd >= 0) owned_fds_.push_back(job_.options.out_dir_fd);
+  if (job_.options.sidecar_dir_fd >= 0) owned_fds_.push_back(job_.options.sidecar_dir_fd);
   use_copy_file_range_ = job_.options.copy_file_range;
   // Buffers hold whole words and, for transforms, 4-byte accumulators plus the read bytes.
   job_.options.buffer_bytes = std::max<uint64_t>(job_.options.buffer_bytes & ~uint64_t(4095), 4096);
@@ -170,11 +192,13 @@ Engine::~Engine() {
     if (t.joinable()) t.join();
   for (int fd : src_fds_)
     if (fd >= 0) ::close(fd);
-  std::vector<int> dirs = dir_fds_;
-  std::sort(dirs.begin(), dirs.end());
-  dirs.erase(std::unique(dirs.begin(), dirs.end()), dirs.end());
-  for (int fd : dirs)
+  for (int fd : owned_fds_)
     if (fd >= 0) ::close(fd);
+}
+
+std::string Engine::base_name(const std::string& path) {
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
 uint64_t Engine::chunk_bytes(const TensorTask& t) const {
@@ -196,29 +220,46 @@ void Engine::start() {
   }
   try {
     for (const SourceFile& f : job_.files) {
-      const int fd = ::open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+      // O_NONBLOCK: a FIFO swapped in under a source's name must not block the open.
+      const int fd = ::open(f.path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
       if (fd < 0) throw source_failure("cannot open source", f.path, "", errno);
       src_fds_.push_back(fd);
       struct stat st;
       if (::fstat(fd, &st) != 0) throw source_failure("cannot stat source", f.path, "", errno);
+      if (!S_ISREG(st.st_mode)) throw source_failure("source is not a regular file", f.path, "");
+      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
       if (uint64_t(st.st_size) != f.size)
         throw source_failure("source file changed since its header was read (" + std::to_string(f.size) + " -> " +
                                  std::to_string(st.st_size) + " bytes)",
                              f.path, "");
-      src_stat_.push_back({uint64_t(st.st_size), mtime_ns(st)});
+      if (f.has_identity) {
+        if (uint64_t(st.st_dev) != f.dev || uint64_t(st.st_ino) != f.ino)
+          throw source_failure("source file was replaced by another file since its header was read", f.path, "");
+        if (mtime_ns(st) != f.mtime_ns || ctime_ns(st) != f.ctime_ns)
+          throw source_failure(
+              "source file was modified since its header was read (mtime or ctime changed); nothing was written",
+              f.path, "");
+      }
+      src_stat_.push_back({uint64_t(st.st_size), mtime_ns(st), ctime_ns(st)});
       ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     }
     std::map<std::string, int> dirs;
-    for (size_t s = 0; s < job_.shards.size(); ++s) {
-      ShardTask& sh = job_.shards[s];
-      ShardState& st = *state_[s];
-      const std::string dir = dirname_of(sh.path);
+    auto dir_fd_of = [&](const std::string& path, int given) {
+      if (given >= 0) return given;
+      const std::string dir = dirname_of(path);
       if (!dirs.count(dir)) {
         const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (fd < 0) throw output_failure("cannot open output folder", dir, "", errno);
+        owned_fds_.push_back(fd);
         dirs[dir] = fd;
       }
-      dir_fds_.push_back(dirs[dir]);
+      return dirs[dir];
+    };
+    for (size_t s = 0; s < job_.shards.size(); ++s) {
+      ShardTask& sh = job_.shards[s];
+      ShardState& st = *state_[s];
+      dir_fds_.push_back(dir_fd_of(sh.path, job_.options.out_dir_fd));
+      sidecar_fds_.push_back(sh.sidecar_path.empty() ? -1 : dir_fd_of(sh.sidecar_path, job_.options.sidecar_dir_fd));
       if (sh.mode == ShardMode::Write) {
         if (sh.tensors.empty()) throw Failure{"shard has no tensors", sh.path, "", 0, "job"};
         for (const TensorTask& t : sh.tensors) {
@@ -228,9 +269,10 @@ void Engine::start() {
             if (r.file >= job_.files.size()) throw Failure{"bad source file index", sh.path, t.name, 0, "job"};
         }
       } else {
-        st.fd = ::open(sh.path.c_str(), O_RDONLY | O_CLOEXEC);
+        st.fd = ::openat(dir_fds_[s], base_name(sh.path).c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
         if (st.fd < 0) throw output_failure("cannot open for verification", sh.path, "", errno);
         st.opened = true;
+        if (!is_regular_fd(st.fd)) throw Failure{"not a regular file", sh.path, "", 0, "output"};
         struct stat fs;
         if (::fstat(st.fd, &fs) != 0 || uint64_t(fs.st_size) != sh.file_size)
           throw Failure{"size changed before verification", sh.path, "", 0, "output"};
@@ -425,8 +467,7 @@ void Engine::open_shard(uint32_t s) {
   const ShardTask& sh = job_.shards[s];
   ShardState& st = *state_[s];
   const std::string partial = partial_path(s);
-  st.fd = ::open(partial.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (st.fd < 0) throw output_failure("cannot create output", partial, "", errno);
+  st.fd = create_in(dir_fds_[s], partial_name(s), O_RDWR, partial);
   st.opened = true;
   st.sampled.assign(sh.file_size / kSampleStride + 1, 0);
   // Full size up front: whatever is never written (zero tensors, source holes) stays a hole.
@@ -484,7 +525,11 @@ void Engine::check_source(uint32_t file, const std::string& tensor) {
                              std::to_string(st.st_size) + " bytes); output discarded",
                          f.path, tensor);
   if (mtime_ns(st) != was.mtime_ns)
-    throw source_failure("source file was modified during the run; output discarded", f.path, tensor);
+    throw source_failure("source file was modified during the run (mtime changed); output discarded", f.path, tensor);
+  if (ctime_ns(st) != was.ctime_ns)
+    throw source_failure(
+        "source file was modified during the run (ctime changed, even if the mtime was put back); output discarded",
+        f.path, tensor);
 }
 
 void Engine::write_chunk(const Chunk& c, unsigned char* buf) {
@@ -659,9 +704,9 @@ void Engine::finalize(uint32_t s, unsigned char* buf) {
       const auto at = content.find("@CHECKSUM@");
       if (at != std::string::npos)
         content.replace(at, 10, job_.options.checksum == ChecksumMode::None ? "none" : hex_checksum(sum));
-      write_file_atomic(sh.sidecar_path, content);
+      write_file_atomic(sidecar_fds_[s], sh.sidecar_path, content);
     }
-    if (::rename(partial.c_str(), sh.path.c_str()) != 0)
+    if (::renameat(dir_fds_[s], partial_name(s).c_str(), dir_fds_[s], base_name(sh.path).c_str()) != 0)
       throw output_failure("cannot rename into place", sh.path, "", errno);
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -687,7 +732,8 @@ void Engine::cleanup() {
       ::close(st.fd);
       st.fd = -1;
     }
-    if (job_.shards[s].mode == ShardMode::Write && st.opened && !st.renamed) ::unlink(partial_path(uint32_t(s)).c_str());
+    if (job_.shards[s].mode == ShardMode::Write && st.opened && !st.renamed)
+      ::unlinkat(dir_fds_[s], partial_name(uint32_t(s)).c_str(), 0);
   }
 }
 
@@ -812,7 +858,30 @@ void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, u
     }
   }
   narrow_in_place(acc, t.dtype, n);
+  check_finite(t, buf, first, n, raw);
   write_skipping_zero_pages(out, buf, n * osz, t.out_offset + begin, t.name);
+}
+
+// A computed element that is inf or NaN although every source element it came from is finite is
+// an overflow (--alpha too large for the weights, a --dtype too narrow, ...): fail, naming the
+// element, rather than write it. The common case is one pass over the output; only a chunk that
+// holds non-finite values reads its sources again (into `raw`, free after narrowing) to tell an
+// overflow from a NaN or inf that was already in the source.
+void Engine::check_finite(const TensorTask& t, const unsigned char* out, uint64_t first, uint64_t n,
+                          unsigned char* raw) {
+  if (!job_.options.check_finite || !any_nonfinite(out, t.dtype, n)) return;
+  std::vector<uint8_t> bad(n);
+  for (uint64_t k = 0; k < n; ++k) bad[k] = is_nonfinite_at(out, t.dtype, k);
+  for (const SourceRef& r : t.sources) {
+    const uint64_t isz = uint64_t(itemsize(r.dtype));
+    pread_all(src_fds_[r.file], raw, n * isz, r.offset + first * isz, job_.files[r.file].path, t.name, "source");
+    for (uint64_t k = 0; k < n; ++k)
+      if (bad[k] && is_nonfinite_at(raw, r.dtype, k)) bad[k] = 0;
+  }
+  for (uint64_t k = 0; k < n; ++k)
+    if (bad[k])
+      throw Failure{"non-finite result at element " + std::to_string(first + k) + " from finite source values", "",
+                    t.name, 0, "overflow"};
 }
 
 // The file is new and all holes: pages of the result that are all zero need no write and stay

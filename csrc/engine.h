@@ -63,9 +63,16 @@ struct ShardTask {
   std::vector<TensorTask> tensors;
 };
 
+// A source file and the identity (sources.py's FileStat) its header was read with: the engine
+// opens it, refuses anything that is not that very file, and compares size, mtime and ctime again
+// before each chunk that reads it and before each shard is renamed into place. ctime is set by
+// the kernel on every write and every utime(), so an edit that restores the mtime is still seen.
 struct SourceFile {
   std::string path;
   uint64_t size;  // the size the headers were validated against
+  uint64_t dev = 0, ino = 0;
+  int64_t mtime_ns = 0, ctime_ns = 0;
+  bool has_identity = false;  // false: only the size is known (tests building jobs by hand)
 };
 
 struct Options {
@@ -79,7 +86,13 @@ struct Options {
   uint64_t drop_lag = 256 << 20;     // bytes per shard written since, before a range is dropped
   bool fsync = true;
   ChecksumMode checksum = ChecksumMode::Sample;
+  bool check_finite = true;  // refuse inf/NaN computed from finite sources (Engine::check_finite)
   uint32_t test_chunk_delay_us = 0;  // sleep after each write chunk: lets tests interrupt a tiny job midway
+  // Output folders as open fds (owned by the engine; -1: open the folder named in each path).
+  // Shards and sidecars are created inside them by name with O_EXCL | O_NOFOLLOW (after unlinking
+  // whatever had the name) and renamed with renameat, so no symbolic link is ever followed.
+  int out_dir_fd = -1;
+  int sidecar_dir_fd = -1;
 };
 
 struct Failure {
@@ -142,7 +155,7 @@ class Engine {
   };
   struct Stat {
     uint64_t size;
-    int64_t mtime_ns;
+    int64_t mtime_ns, ctime_ns;
   };
 
   void worker();
@@ -167,18 +180,23 @@ class Engine {
   void write_skipping_zero_pages(const Output& out, const unsigned char* data, uint64_t n, uint64_t file_off,
                                  const std::string& tensor);
   void check_source(uint32_t file, const std::string& tensor);
+  void check_finite(const TensorTask& t, const unsigned char* out, uint64_t first, uint64_t n, unsigned char* raw);
   void fail(const Failure& f);
   void cleanup();
   void finish_without_workers();
   uint64_t chunk_bytes(const TensorTask& t) const;
   bool stopping() const { return stop_.load(std::memory_order_relaxed); }
   std::string partial_path(uint32_t s) const { return job_.shards[s].path + ".partial"; }
+  std::string partial_name(uint32_t s) const { return base_name(job_.shards[s].path) + ".partial"; }
+  static std::string base_name(const std::string& path);
 
   Job job_;
   std::vector<int> src_fds_;
   std::vector<Stat> src_stat_;
   std::vector<std::unique_ptr<ShardState>> state_;
-  std::vector<int> dir_fds_;  // per shard: its folder (for the fsync after rename)
+  std::vector<int> dir_fds_;      // per shard: its folder (openat / renameat, the fsync after rename)
+  std::vector<int> sidecar_fds_;  // per shard: its sidecar's folder (-1: none)
+  std::vector<int> owned_fds_;    // folder fds the destructor closes
   std::vector<std::thread> threads_;
 
   mutable std::mutex mu_;

@@ -133,6 +133,26 @@ inline void narrow_in_place(float* x, DType d, uint64_t n) {
   }
 }
 
+// Element k of n BF16/F16/F32 values (unaligned bytes) is an infinity or a NaN.
+inline bool is_nonfinite_at(const unsigned char* p, DType d, uint64_t k) {
+  if (d == DType::F32) {
+    uint32_t u;
+    std::memcpy(&u, p + 4 * k, 4);
+    return (u & 0x7F800000u) == 0x7F800000u;
+  }
+  uint16_t h;
+  std::memcpy(&h, p + 2 * k, 2);
+  const uint16_t e = d == DType::BF16 ? 0x7F80u : 0x7C00u;
+  return (h & e) == e;
+}
+
+// Any of n values non-finite: one branch-free pass (the common answer is no).
+inline bool any_nonfinite(const unsigned char* p, DType d, uint64_t n) {
+  bool any = false;
+  for (uint64_t k = 0; k < n; ++k) any |= is_nonfinite_at(p, d, k);
+  return any;
+}
+
 inline uint64_t splitmix64_mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -13,19 +15,65 @@ from tli_kernels.checkpoint.output import check_complete_output
 FIXED_PROMPT = "In the beginning God created the heaven and the earth. And the earth was without form, and void;"
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer or None) from a finished model folder, in eval mode."""
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars or load reports from transformers (its report of missing keys is ours to
+    make, as one line); the previous settings come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, quiet: bool = True):
+    """(model, tokenizer or None) from a finished model folder, in eval mode.
+
+    The folder is first read as tli reads any checkpoint (CheckpointLayout.open: regular files,
+    headers, sizes, index, no unfinished-output marker), so a truncated or lying file is one clear
+    error instead of a traceback from deep inside the loader; then the weights must cover exactly
+    what config.json describes: transformers would otherwise initialise missing layers randomly
+    (a config naming 99 layers over weights for 93) or drop extra tensors, and the numbers
+    reported would be of some other model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tli_kernels.checkpoint.layout import CheckpointLayout
 
     check_complete_output(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json, not a model folder")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    CheckpointLayout.open(path)
+    with quiet_transformers() if quiet else contextlib.nullcontext():
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    for key, what in (
+        ("missing_keys", "config.json describes tensors that the weights do not hold (transformers would "
+         "initialise them randomly)"),
+        ("unexpected_keys", "the weights hold tensors that config.json does not describe"),
+        ("mismatched_keys", "tensors have other shapes than config.json describes"),
+    ):  # fmt: skip
+        names = sorted(n for n in map(_key_name, info.get(key) or ()) if not _LEGACY_BUFFER.search(n))
+        if names:
+            raise ValueError(f"{path}: {what}: {len(names)} tensor(s), e.g. {', '.join(names[:3])}")
     model.eval()
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+# Buffers old checkpoints saved that current transformers recomputes (not weights of the model).
+_LEGACY_BUFFER = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+def _key_name(key) -> str:
+    return key[0] if isinstance(key, tuple) else str(key)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -91,17 +139,33 @@ class VerifyReport:
         ]
 
 
-def heldout_ids(tokenizer, text_file: str | None) -> tuple[torch.Tensor, str]:
+def heldout_ids(tokenizer, text_file: str | None, text: str | None = None) -> tuple[torch.Tensor, str]:
     if text_file is not None:
-        try:
-            with open(text_file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise FileNotFoundError(f"--text {text_file}: cannot read ({e.strerror})") from e
-        return tokenize(tokenizer, text), text_file
+        return tokenize(tokenizer, read_text(text_file) if text is None else text), text_file
     from tli_kernels.builtin.text import kjv_split
 
     return tokenize(tokenizer, kjv_split()[1]), "the King James held-out split"
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file for --text: a regular file, or a pipe (`--text <(zcat file.gz)`); a
+    device or directory is refused before it is read; bad UTF-8 is named with its byte offset."""
+    import stat
+
+    from tli_kernels.checkpoint.validate import decode_utf8
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FileNotFoundError(f"--text {path}: cannot read ({e.strerror})") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise ValueError(f"--text {path}: not a regular file or a pipe")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise FileNotFoundError(f"--text {path}: cannot read ({e.strerror})") from None
+    return decode_utf8(raw, path, "--text file")
 
 
 def verify(
@@ -110,14 +174,18 @@ def verify(
     """Load both models in float32; compare logits on a fixed prompt and held-out loss on a text."""
     if seq_len < 2 or max_tokens < seq_len:
         raise ValueError(f"--seq-len {seq_len} / --max-tokens {max_tokens}: need 2 <= seq-len <= max-tokens")
+    text = read_text(text_file) if text_file is not None else None  # a bad --text fails before any load
     torch.manual_seed(0)
     model_a, tok = load_causal_lm(src)
     model_b, _ = load_causal_lm(dst)
     if model_a.config.vocab_size != model_b.config.vocab_size:
-        raise ValueError(f"vocabularies differ ({model_a.config.vocab_size} vs {model_b.config.vocab_size})")
+        raise ValueError(
+            f"{dst}: vocab_size {model_b.config.vocab_size} differs from {src}'s {model_a.config.vocab_size}; "
+            "verify compares two models of one tokenizer"
+        )
     if tok is not None:
         prompt = tokenize(tok, FIXED_PROMPT)[None]
-        ids, text_name = heldout_ids(tok, text_file)
+        ids, text_name = heldout_ids(tok, text_file, text)
     else:  # no tokenizer (e.g. a synthetic checkpoint): fixed ids and fixed pseudo-text
         if text_file is not None:
             raise ValueError(f"{src} has no tokenizer, so --text cannot be tokenised")

@@ -7,7 +7,7 @@ Engines: "native" (the C++ streaming engine, the default when the extension is b
 
 from __future__ import annotations
 
-import os
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from tli_kernels import __version__
 from tli_kernels.checkpoint import checksum, executor_native, output
 from tli_kernels.checkpoint.executor_python import execute_python
 from tli_kernels.checkpoint.layout import CheckpointLayout
+from tli_kernels.checkpoint.outdir import OutputDir
 from tli_kernels.checkpoint.plan import SurgeryPlan
 from tli_kernels.methods import CommonOptions, make_plan
 
@@ -128,13 +129,14 @@ def upscale(
         executor_native.memory_plan(max_memory, threads)  # reject a bad budget before anything is written
     layout = CheckpointLayout.open(src)
     plan = make_plan(layout, method, common, **(options or {}))
-    output.check_destination(src, dst, overwrite=overwrite, resume=resume, part=part_of is not None)
+    check_numbers(plan)
+    output.check_destination(src, dst, overwrite=overwrite, resume=resume, part=part_of is not None, layout=layout)
     todo = part_shards(len(plan.shards), part_of)
     continuing = (resume or part_of is not None) and output.has_marker(dst)
     verified: set[int] = set()
     if continuing:
-        output.check_marker(dst, plan)
-        verified = output.completed_shards(dst, plan, todo, max_memory=max_memory, threads=threads)
+        output.check_marker(dst, plan, layout)
+        verified = output.completed_shards(dst, plan, todo, max_memory=max_memory, threads=threads, require=verify)
         todo = [i for i in todo if i not in verified]
     sparse = engine == "native"
     need = output.bytes_to_write(plan, todo, layout if sparse else None)
@@ -144,38 +146,70 @@ def upscale(
     )
     if dry_run:
         return result
+    output.check_free_disk(dst, plan, todo, need)
     if continuing:
-        output.remove_partials(dst, plan, todo)
-    output.check_free_disk(dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst)), plan, todo, need)
-    if not continuing:
-        output.begin(dst, plan, overwrite=overwrite)
-    os.makedirs(os.path.join(dst, output.SHARDS_DIR), exist_ok=True)
-
-    bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), method) if progress else None
+        out = OutputDir(dst)
+        output.remove_partials(out, plan, todo)
+    else:
+        out = output.begin(dst, plan, overwrite=overwrite, layout=layout)
     try:
-        _execute(engine, plan, layout, dst, todo, max_memory, threads, bar.update if bar else None, verify)
+        out.subdir(output.SHARDS_DIR).close()
+        bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), method) if progress else None
+        try:
+            _execute(engine, plan, layout, out, todo, max_memory, threads, bar.update if bar else None, verify)
+        finally:
+            if bar:
+                bar.close()
+        result.finished = part_of is None
+        if result.finished:
+            output.finish(out, plan, layout, __version__, verified=verified | set(todo))
     finally:
-        if bar:
-            bar.close()
-    result.finished = part_of is None
-    if result.finished:
-        output.finish(dst, plan, layout, __version__, verified=verified | set(todo))
+        out.close()
     return result
 
 
-def _execute(engine, plan, layout, dst, todo, max_memory, threads, progress, verify) -> None:
+def check_numbers(plan: SurgeryPlan) -> None:
+    """Refuse op constants that float32 cannot hold (the executors compute in float32): they would
+    write inf or NaN weights into an output that looks finished. Overflow that depends on the
+    weights themselves (a finite but large --alpha, a narrow --dtype) is caught by the executors,
+    element by element (executor_python.overflow_message)."""
+    for t in plan.tensors():
+        op = t.op
+        if op.kind in ("scale", "average") and not _fits_f32(op.factor):
+            raise ValueError(
+                f"--alpha {op.factor:g}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); "
+                f"{t.name} would be inf or NaN"
+            )
+        if op.kind == "fill" and not _fits_f32(op.value):
+            raise ValueError(f"{t.name}: fill value {op.value:g} is not a finite float32")
+        if op.kind == "uniform" and not _fits_f32(op.bound):
+            raise ValueError(
+                f"{t.name}: random init bound {op.bound:g} (initializer_range x sqrt(3) x --alpha) is beyond "
+                f"float32 (largest {F32_MAX:.4g}); use a smaller --alpha"
+            )
+
+
+F32_MAX = 3.4028234663852886e38
+
+
+def _fits_f32(x: float) -> bool:
+    """x is finite and rounds to a finite float32 (round-to-nearest: up to F32_MAX + half an ulp)."""
+    return math.isfinite(x) and abs(x) < 3.4028235677973366e38
+
+
+def _execute(engine, plan, layout, out: OutputDir, todo, max_memory, threads, progress, verify) -> None:
     if not todo:
         return
     digest = plan.digest()
     if engine == "native":
         sidecar = lambda i: (  # noqa: E731
-            output.sidecar_path(dst, plan.shards[i].file),
+            output.sidecar_path(out.path, plan.shards[i].file),
             output.sidecar_template(plan, i, verify, digest),
         )
         executor_native.execute_native(
             plan,
             layout,
-            dst,
+            out,
             max_memory=max_memory,
             shards=todo,
             threads=threads,
@@ -184,11 +218,13 @@ def _execute(engine, plan, layout, dst, todo, max_memory, threads, progress, ver
             checksum=verify,
         )
         return
-    for i in todo:  # one shard at a time, so each gets its sidecar as soon as it is in place
-        execute_python(plan, layout, dst, max_memory=max_memory, shards=[i], progress=progress)
-        path = os.path.join(dst, plan.shards[i].file)
+
+    def record(i: int) -> None:  # each shard gets its sidecar as soon as it is in place
+        path = out.join(plan.shards[i].file)
         (recorded,) = checksum.checksum_files([(path, plan.shards[i].file_size)], verify, max_memory=max_memory)
-        output.record_shard(dst, plan, i, recorded, digest)
+        output.record_shard(out, plan, i, recorded, digest)
+
+    execute_python(plan, layout, out, max_memory=max_memory, shards=todo, progress=progress, on_shard=record)
 
 
 def _progress_bar(total: int, method: str):

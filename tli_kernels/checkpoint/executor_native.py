@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tli_kernels.checkpoint import checksum as checksum_def
+from tli_kernels.checkpoint.executor_python import overflow_message
 from tli_kernels.checkpoint.layout import CheckpointLayout
+from tli_kernels.checkpoint.outdir import OutputDir
 from tli_kernels.checkpoint.plan import SurgeryPlan, validate_plan
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES
 
@@ -127,12 +129,15 @@ def build_job(
     dst: str,
     shards: Iterable[int],
     sidecar: Callable[[int], tuple[str, str]] | None = None,
-) -> tuple[list[tuple[str, int]], list[tuple]]:
-    """The resolved job: (source files as (path, size), shards as the tuples csrc/bindings.cpp reads)."""
+) -> tuple[list[tuple], list[tuple]]:
+    """The resolved job: (source files as (path, size, dev, ino, mtime_ns, ctime_ns), shards as the
+    tuples csrc/bindings.cpp reads)."""
     validate_plan(plan, layout.tensors)
     dst = os.path.abspath(dst)
-    files = [(h.path, h.size) for h in layout.files.values()]
-    file_index = {path: i for i, (path, _) in enumerate(files)}
+    # Each source with the identity its header was read with: the engine refuses any other file.
+    files = [(h.path, h.size, *(h.stat[:2] if h.stat else (0, 0)), *(h.stat[3:] if h.stat else (0, 0)))
+             for h in layout.files.values()]  # fmt: skip
+    file_index = {f[0]: i for i, f in enumerate(files)}
     job = []
     for i in shards:
         shard = plan.shards[i]
@@ -173,7 +178,7 @@ def build_job(
 def execute_native(
     plan: SurgeryPlan,
     layout: CheckpointLayout,
-    dst: str,
+    dst: str | OutputDir,
     *,
     max_memory: int = 512 << 20,
     shards: Iterable[int] | None = None,
@@ -189,28 +194,53 @@ def execute_native(
     shard i completes; "@CHECKSUM@" in the template becomes the shard's checksum (32 hex digits)
     with the coverage `checksum` ("sample", "full" or "none"; checksum.py). Returns
     {shard index: 32 hex digits} of the shards written. tuning: switches for tests and benchmarks
-    (copy_file_range, sparse, writeback, fsync, checksum: True by default; buffer_bytes and
-    copy_chunk replace the sizes derived from max_memory).
+    (copy_file_range, sparse, writeback, fsync, checksum, check_finite: True by default; buffer_bytes
+    and copy_chunk replace the sizes derived from max_memory). check_finite=False writes an inf or
+    NaN that an op computed from finite sources instead of failing (the engine-parity tests use it
+    to compare the overflow paths themselves).
     """
     _require()
     todo = list(range(len(plan.shards)) if shards is None else shards)
     if checksum not in checksum_def.CODES:
         raise ValueError(f"checksum {checksum!r}: choose one of {', '.join(checksum_def.CODES)}")
-    files, job = build_job(plan, layout, dst, todo, sidecar)
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    files, job = build_job(plan, layout, out.path, todo, sidecar)
     mem = memory_plan(max_memory, threads)
     knobs = {
         "copy_file_range": True,
         "sparse": True,
         "writeback": True,
         "fsync": True,
+        "check_finite": True,
         "checksum": checksum_def.CODES[checksum],
         "buffer_bytes": mem.buffer_bytes,
         "copy_chunk": COPY_CHUNK,
         "test_chunk_delay_us": int(os.environ.get(TEST_DELAY_ENV, "0")),
         **(tuning or {}),
     }
-    engine = _native.Engine(files, job, threads=mem.threads, **knobs)
-    _run(engine, progress)
+    side_dir = None
+    try:
+        # Shards and sidecars are created by name inside these folders (openat, O_NOFOLLOW).
+        if sidecar is not None and todo:
+            side_dir = out.subdir(os.path.basename(os.path.dirname(sidecar(todo[0])[0])), create=False)
+        engine = _native.Engine(
+            files, job, threads=mem.threads, out_dir_fd=out.fd, sidecar_dir_fd=side_dir.fd if side_dir else -1, **knobs
+        )
+        del job  # the engine holds its own copy; a job of a million tensors is hundreds of MB of tuples
+    finally:
+        if side_dir is not None:
+            side_dir.close()
+        if out is not dst:
+            out.close()
+    try:
+        _run(engine, progress)
+    except EngineError as e:
+        if e.kind == "overflow":
+            t = next(t for i in todo for t in plan.shards[i].tensors if t.name == e.tensor)
+            element = int(e.reason.split("element ")[1].split()[0])
+            src_dtypes = [layout.tensors[s].dtype for s in t.op.src]
+            raise EngineError(overflow_message(t, src_dtypes, element), "", e.tensor, 0, "overflow") from None
+        raise
     return {todo[i]: format_checksum(a, b) for i, a, b in engine.finished()}
 
 

@@ -18,8 +18,11 @@ import numpy as np
 
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
+from tli_kernels.checkpoint.outdir import OutputDir
 from tli_kernels.checkpoint.plan import OutShard, OutTensor, SurgeryPlan
 from tli_kernels.checkpoint.safetensors_format import DTYPE_SIZES, TensorEntry
+from tli_kernels.checkpoint.sources import open_source
+from tli_kernels.checkpoint.validate import FileStat
 
 PARTIAL_SUFFIX = ".partial"
 BF16_NAN = np.uint16(0x7FC0)
@@ -35,44 +38,64 @@ Progress = Callable[[int], None]
 def execute_python(
     plan: SurgeryPlan,
     layout: CheckpointLayout,
-    dst: str,
+    dst: str | OutputDir,
     *,
     max_memory: int = 512 << 20,
     shards: Iterable[int] | None = None,
     progress: Progress | None = None,
+    on_shard: Callable[[int], None] | None = None,
+    check_finite: bool = True,
 ) -> None:
-    """Write the plan's shards (all, or the given indices) into the existing folder dst."""
+    """Write the plan's shards (all, or the given indices) into the existing folder dst.
+
+    Each source file is opened once for the whole call and must be the file its header was read
+    from (sources.open_source); on_shard(i) runs as soon as shard i is in place (its sidecar).
+    check_finite=False writes an inf/NaN computed from finite sources instead of refusing it.
+    """
     chunk_elems = max(1 << 12, min(max_memory // (4 * _WORK_BYTES_PER_ELEMENT), 1 << 24))
     copy_chunk = max(1 << 20, min(max_memory // 4, 64 << 20))
-    with _SourceFiles(layout) as sources:
-        for i in range(len(plan.shards)) if shards is None else shards:
-            shard = plan.shards[i]
-            _write_shard(shard, dst, sources, chunk_elems, copy_chunk, progress)
-            sources.check_unchanged()
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    try:
+        with _SourceFiles(layout) as sources:
+            for i in range(len(plan.shards)) if shards is None else shards:
+                _write_shard(plan.shards[i], out, sources, chunk_elems, copy_chunk, progress, check_finite)
+                if on_shard is not None:
+                    on_shard(i)
+    finally:
+        if out is not dst:
+            out.close()
 
 
 def _write_shard(
-    shard: OutShard, dst: str, sources: _SourceFiles, chunk_elems: int, copy_chunk: int, progress: Progress | None
+    shard: OutShard,
+    out: OutputDir,
+    sources: _SourceFiles,
+    chunk_elems: int,
+    copy_chunk: int,
+    progress: Progress | None,
+    check_finite: bool = True,
 ) -> None:
-    final = os.path.join(dst, shard.file)
-    partial = final + PARTIAL_SUFFIX
+    partial_name = shard.file + PARTIAL_SUFFIX
+    partial = out.join(partial_name)
     header = shard.header_bytes()
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = out.create(partial_name)
     try:
         _pwrite_all(fd, header, 0, partial)
         pos = len(header)
         for t in shard.tensors:
-            _write_tensor(t, fd, pos, sources, chunk_elems, copy_chunk, progress, partial)
+            _write_tensor(t, fd, pos, sources, chunk_elems, copy_chunk, progress, partial, check_finite)
             pos += t.nbytes
         os.ftruncate(fd, pos)  # trailing zero tensors stay holes but count in the size
         os.fsync(fd)
+        # The shard is only as good as its sources were for the whole time it was being written.
+        sources.check_unchanged()
     except BaseException:
         os.close(fd)
-        _unlink_quietly(partial)
+        out.unlink(partial_name)
         raise
     os.close(fd)
-    os.replace(partial, final)
-    fsync_dir(dst)
+    out.rename(partial_name, shard.file)
+    out.fsync()
 
 
 def _write_tensor(
@@ -84,6 +107,7 @@ def _write_tensor(
     copy_chunk: int,
     progress: Progress | None,
     out_path: str,
+    check_finite: bool = True,
 ) -> None:
     op = t.op
     n = t.nbytes // DTYPE_SIZES[t.dtype]
@@ -98,10 +122,51 @@ def _write_tensor(
     size = DTYPE_SIZES[t.dtype]
     for start in range(0, n, chunk_elems):
         k = min(chunk_elems, n - start)
+        for s in srcs:
+            sources.check_unchanged(s.file, s.name)
         x = _compute_f32(t, srcs, start, k, sources)
-        _pwrite_all(fd, f32_to_bytes(x, t.dtype), pos + start * size, out_path)
+        raw = f32_to_bytes(x, t.dtype)
+        if check_finite:
+            _check_finite(t, srcs, start, raw, sources)
+        _pwrite_all(fd, raw, pos + start * size, out_path)
         if progress:
             progress(k * size)
+
+
+def _check_finite(t: OutTensor, srcs: list[TensorEntry], start: int, raw: bytes, sources: _SourceFiles) -> None:
+    """Refuse a non-finite output element whose sources are all finite (an overflow: --alpha, --dtype)."""
+    bad = nonfinite_mask(raw, t.dtype)
+    if not bad.any():
+        return
+    for s in srcs:
+        bad &= np.isfinite(sources.read_f32(s, start, len(bad)))
+    if bad.any():
+        raise CheckpointError(overflow_message(t, [s.dtype for s in srcs], start + int(np.argmax(bad))), None, t.name)
+
+
+def nonfinite_mask(raw: bytes, dtype: str) -> np.ndarray:
+    """True where the BF16/F16/F32 bytes hold an infinity or a NaN."""
+    if dtype == "F32":
+        return (np.frombuffer(raw, dtype=np.uint32) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    exponent = np.uint16(0x7F80 if dtype == "BF16" else 0x7C00)
+    return (np.frombuffer(raw, dtype=np.uint16) & exponent) == exponent
+
+
+def overflow_message(t: OutTensor, src_dtypes: list[str], element: int) -> str:
+    """Why an op turned finite sources into inf/NaN, naming the option responsible (both engines)."""
+    op, where = t.op, f"element {element} of this {t.dtype} tensor would be inf or NaN from finite source values"
+    if op.kind in ("scale", "average") and op.factor != 1.0:
+        return (
+            f"{where}: --alpha {op.factor:g} (a {op.kind} by it) overflows {t.dtype} for these weights; "
+            "use a smaller --alpha"
+        )
+    if op.kind == "average":
+        return f"{where}: the sum of the averaged {src_dtypes[0]} weights overflows float32"
+    if op.kind == "copy":
+        return f"{where}: {src_dtypes[0]} weights too large for {t.dtype}; choose another --dtype (or keep)"
+    if op.kind == "uniform":
+        return f"{where}: the random init's bound {op.bound:g} (initializer_range x --alpha) does not fit {t.dtype}"
+    return f"{where}: op {op.kind} overflows {t.dtype}"
 
 
 def _compute_f32(t: OutTensor, srcs: list[TensorEntry], start: int, k: int, sources: _SourceFiles) -> np.ndarray:
@@ -174,22 +239,22 @@ def uniform_f32(seed: int, bound: float, start: int, k: int) -> np.ndarray:
 
 # ---- file access -----------------------------------------------------------------------------
 class _SourceFiles:
-    """Open source files, read by absolute offset; notices a source that shrinks or changes size."""
+    """Source files opened once per run, each checked to be the file its header was read from
+    (sources.open_source); check_unchanged() compares size, mtime and ctime again."""
 
     def __init__(self, layout: CheckpointLayout):
         self.layout = layout
         self.fds: dict[str, int] = {}
-        self.sizes = {h.path: h.size for h in layout.files.values()}
+        self.stats: dict[str, FileStat] = {}
         self.can_copy_file_range = hasattr(os, "copy_file_range")
 
     def __enter__(self):
         try:
-            for path, _size in self.sizes.items():
-                self.fds[path] = os.open(path, os.O_RDONLY)
-        except OSError as e:
+            for h in self.layout.files.values():
+                self.fds[h.path], self.stats[h.path] = open_source(h)
+        except BaseException:
             self.__exit__()
-            raise CheckpointError(f"cannot open source: {e.strerror}", e.filename) from e
-        self.check_unchanged()
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -200,14 +265,12 @@ class _SourceFiles:
     def entry(self, name: str) -> TensorEntry:
         return self.layout.tensors[name]
 
-    def check_unchanged(self) -> None:
-        for path, fd in self.fds.items():
-            now = os.fstat(fd).st_size
-            if now != self.sizes[path]:
-                raise CheckpointError(
-                    f"source file changed size during the run ({self.sizes[path]} -> {now} bytes); output discarded",
-                    path,
-                )
+    def check_unchanged(self, path: str | None = None, tensor: str | None = None) -> None:
+        for p in [path] if path is not None else list(self.fds):
+            now = FileStat(os.fstat(self.fds[p]))
+            change = now.change_since(self.stats[p])
+            if change:
+                raise CheckpointError(f"source file changed during the run: {change}; output discarded", p, tensor)
 
     def _short_read(self, t: TensorEntry, got: int, want: int) -> CheckpointError:
         return CheckpointError(
@@ -228,6 +291,7 @@ class _SourceFiles:
     ) -> None:
         src_fd, done = self.fds[t.file], 0
         while done < t.nbytes:
+            self.check_unchanged(t.file, t.name)
             want = min(chunk, t.nbytes - done)
             got = self._copy_range(src_fd, out_fd, want, t.offset + done, out_pos + done, out_path)
             if got == 0:
@@ -257,13 +321,6 @@ def _pwrite_all(fd: int, data: bytes, pos: int, path: str) -> None:
         except OSError as e:
             raise OSError(e.errno, f"cannot write output: {e.strerror}", path) from e
         view, pos = view[n:], pos + n
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def fsync_dir(path: str) -> None:

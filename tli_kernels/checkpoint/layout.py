@@ -8,8 +8,6 @@ methods need, and never reads tensor data.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -17,6 +15,7 @@ from tli_kernels.architectures.spec import Architecture
 from tli_kernels.architectures.structure import DecoderStructure
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.safetensors_format import FileHeader, TensorEntry, read_header
+from tli_kernels.checkpoint.validate import check_index, check_regular, load_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -69,7 +68,9 @@ class CheckpointLayout:
         else:
             files, meta = _open_single(path), None
             tensors = {n: t for h in files.values() for n, t in h.tensors.items()}
-        side = [f for f in SIDE_FILES if os.path.isfile(os.path.join(path, f))]
+        side = [f for f in SIDE_FILES if os.path.lexists(os.path.join(path, f))]
+        for f in side:  # copied at the end of a run: a FIFO or device would hang or never end there
+            check_regular(os.path.join(path, f), f)
         return cls(path=path, config=config, files=files, tensors=tensors, index_metadata=meta, side_files=side)
 
     # ---- decoder structure ----------------------------------------------------------------
@@ -120,15 +121,11 @@ class CheckpointLayout:
 
     # ---- identity, for provenance and resume -----------------------------------------------
     def identity(self) -> dict:
-        """Cheap fingerprint of the source: config hash and every file's size and header hash."""
-        files = {}
-        for name, h in self.files.items():
-            with open(h.path, "rb") as f:
-                head = f.read(h.data_start)
-            files[name] = {"size": h.size, "header_sha256": hashlib.sha256(head).hexdigest()}
-        with open(self.config_path, "rb") as f:
-            config_sha = hashlib.sha256(f.read()).hexdigest()
-        return {"path": self.path, "config_sha256": config_sha, "files": files}
+        """The source's identity record (sources.py): config, side files, and per weight file its
+        size, header hash and a sampled content hash. Goes into the plan and its digest."""
+        from tli_kernels.checkpoint.sources import source_identity
+
+        return source_identity(self)
 
     @property
     def total_bytes(self) -> int:
@@ -140,20 +137,14 @@ class CheckpointLayout:
 
 
 def _read_json(path: str, what: str) -> dict:
+    """A JSON object from path, through the one validation layer (validate.py): regular files only,
+    strict UTF-8, nesting and number limits, every failure naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        return load_json_object(path, what)
     except FileNotFoundError:
         raise CheckpointError(
             f"missing {os.path.basename(path)} (is this a Hugging Face model folder?)", path
         ) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} is not valid JSON ({e.msg}, line {e.lineno})", path) from e
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what}: {e.strerror or e}", path) from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{what} is not a JSON object", path)
-    return obj
 
 
 def _open_single(path: str) -> dict[str, FileHeader]:
@@ -179,18 +170,14 @@ def _open_single(path: str) -> dict[str, FileHeader]:
 
 def _open_sharded(path: str, index_path: str):
     index = _read_json(index_path, what="index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError("index has no weight_map (or it is empty)", index_path)
+    weight_map = check_index(index, index_path)
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
-        if not isinstance(fname, str) or os.path.basename(fname) != fname:
-            raise CheckpointError(f"index maps it to {fname!r}, not a file name in this folder", index_path, name)
         by_file.setdefault(fname, []).append(name)
     files: dict[str, FileHeader] = {}
     for fname in sorted(by_file):
         fpath = os.path.join(path, fname)
-        if not os.path.isfile(fpath):
+        if not os.path.lexists(fpath):
             first = by_file[fname][0]
             raise CheckpointError(
                 f"index names file {fname!r} (for {len(by_file[fname])} tensors, e.g. {first!r}) but it does not exist",

@@ -1,17 +1,22 @@
 """The output folder's life cycle: checks before writing, the in-progress marker, finishing.
 
 Protocol (the same for both executors), so that no incomplete output passes for complete:
-1. DST is checked (not SRC, not inside SRC, not holding SRC; absent, empty, or --overwrite /
-   --resume given) and free disk is checked, before any byte is written.
-2. DST/.tli-incomplete.json is written first; it names the plan's digest.
+1. DST is checked (not SRC, not inside SRC, not holding SRC, holding none of the files the source
+   uses through links; absent, empty, or --overwrite / --resume given) and free disk is checked,
+   before any byte is written. --overwrite never deletes through a symbolic link.
+2. DST/.tli-incomplete.json is written first; it names the plan's digest, the source's identity
+   record and each source file's stat (sources.py), so --resume can tell a changed source.
 3. Shards are written as NAME.partial, fsynced, renamed to NAME when complete. Each finished shard
    gets a sidecar DST/.tli-shards/NAME.json with its size, header hash, the plan digest and a
    content checksum (checksum.py: sampled by default, every byte with verify="full"), written
    before the rename by the native engine and right after it by the Python one.
-4. Last: the index, tokenizer/generation files, tli_provenance.json, then config.json, then the
-   marker is removed (and the sidecars with it). Without config.json transformers refuses the
-   folder; with the marker present tli refuses it.
---resume (and every --part run) trusts a shard only when its file, header, sidecar and recomputed
+4. Finishing: the source is fingerprinted again; the sidecars' records move into the marker, the
+   sidecars, stale temporary files and .partial files are removed; then the index, side files,
+   tli_provenance.json and config.json are written; the marker is removed last. Without
+   config.json transformers refuses the folder; with the marker present tli refuses it; after the
+   marker is gone nothing of tli's bookkeeping is left in the folder.
+Every file is written through outdir.OutputDir: by name inside DST, never through a link.
+--resume (and every --part run) trusts a shard only when its file, header, record and recomputed
 checksum all agree; anything else is written again. docs/engine.md has the whole story.
 """
 
@@ -22,14 +27,16 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 
 from tli_kernels.checkpoint import checksum as checksum_def
+from tli_kernels.checkpoint import sources
 from tli_kernels.checkpoint.checksum import data_extents
 from tli_kernels.checkpoint.errors import CheckpointError
-from tli_kernels.checkpoint.executor_python import PARTIAL_SUFFIX, fsync_dir
+from tli_kernels.checkpoint.executor_python import PARTIAL_SUFFIX
 from tli_kernels.checkpoint.layout import (
     CONFIG_NAME,
     INCOMPLETE_MARKER,
@@ -37,18 +44,38 @@ from tli_kernels.checkpoint.layout import (
     PROVENANCE_NAME,
     CheckpointLayout,
 )
-from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, write_json_atomic
+from tli_kernels.checkpoint.outdir import OutputDir
+from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan
+from tli_kernels.checkpoint.validate import check_marker as check_marker_json
+from tli_kernels.checkpoint.validate import open_regular, parse_json
 
 SHARDS_DIR = ".tli-shards"
 CHECKSUM_PLACEHOLDER = "@CHECKSUM@"
+# Temporary names tli itself creates (OutputDir: NAME.tmp-PID; the native engine's sidecars: NAME.tmp).
+_TMP_NAME = re.compile(r"^.+\.tmp(-\d+)?$")
 
 
 def _inside(child: str, parent: str) -> bool:
     return os.path.commonpath([child, parent]) == parent
 
 
-def check_destination(src: str, dst: str, *, overwrite: bool, resume: bool, part: bool = False) -> None:
-    """Raise ValueError if writing dst is unsafe or not what the user asked for. Writes nothing."""
+def source_paths(layout: CheckpointLayout) -> list[str]:
+    """Every file the source uses: config, index, weights, side files (as named in the source folder)."""
+    paths = [layout.config_path, *(h.path for h in layout.files.values())]
+    paths += [os.path.join(layout.path, f) for f in layout.side_files]
+    if os.path.lexists(os.path.join(layout.path, INDEX_NAME)):
+        paths.append(os.path.join(layout.path, INDEX_NAME))
+    return paths
+
+
+def check_destination(
+    src: str, dst: str, *, overwrite: bool, resume: bool, part: bool = False, layout: CheckpointLayout | None = None
+) -> None:
+    """Raise ValueError if writing dst is unsafe or not what the user asked for. Writes nothing.
+
+    With `layout`, also refuses a DST that holds (through links) any file the source uses: a shard
+    renamed over it, or --overwrite, would destroy the source's data.
+    """
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rd == rs:
         raise ValueError(f"DST {dst} is the source folder; choose a new folder")
@@ -56,6 +83,17 @@ def check_destination(src: str, dst: str, *, overwrite: bool, resume: bool, part
         raise ValueError(f"DST {dst} is inside the source folder {src}; choose a folder outside it")
     if _inside(rs, rd):
         raise ValueError(f"DST {dst} contains the source folder {src}; choose another folder")
+    if layout is not None:
+        for p in source_paths(layout):
+            real = os.path.realpath(p)
+            if _inside(real, rd):
+                raise ValueError(
+                    f"the source file {p} is a link to {real}, inside DST {dst}: writing DST would destroy the "
+                    "source's data; choose another DST (or copy the source's files out of it first)"
+                )
+    link = os.path.islink(dst)
+    if link and not os.path.exists(dst):
+        raise ValueError(f"DST {dst} is a symbolic link to {os.readlink(dst)!r}, which does not exist")
     if not os.path.exists(dst):
         parent = os.path.dirname(os.path.abspath(dst))
         if not os.path.isdir(parent):
@@ -67,16 +105,21 @@ def check_destination(src: str, dst: str, *, overwrite: bool, resume: bool, part
         raise ValueError(f"DST {dst} exists and is not a folder")
     marker = os.path.join(dst, INCOMPLETE_MARKER)
     if resume or part:
-        if os.path.exists(marker):
+        if os.path.lexists(marker):
             return
         if part and all(n.startswith(INCOMPLETE_MARKER) for n in os.listdir(dst)):
             return  # another part is creating the marker right now (its temporary file is all there is)
         if resume:
             raise ValueError(f"--resume: {dst} holds no unfinished tli output ({INCOMPLETE_MARKER} missing)")
-    if not os.listdir(dst):
-        return
+    if not [n for n in os.listdir(dst) if not n.startswith(INCOMPLETE_MARKER + ".tmp-")]:
+        return  # empty, or a run killed while writing its marker left only the temporary file
     if not overwrite:
         raise ValueError(f"DST {dst} already exists; pass --overwrite to replace it (or --resume to finish it)")
+    if link:
+        raise ValueError(
+            f"--overwrite refused: DST {dst} is a symbolic link (to {rd}); tli does not delete through links: "
+            "give the folder itself, or delete it yourself if you mean it"
+        )
     if not _looks_like_model_folder(dst):
         raise ValueError(
             f"--overwrite refused: {dst} is not empty and does not look like a model folder "
@@ -85,7 +128,7 @@ def check_destination(src: str, dst: str, *, overwrite: bool, resume: bool, part
 
 
 def _looks_like_model_folder(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in (CONFIG_NAME, INCOMPLETE_MARKER, INDEX_NAME)) or bool(
+    return any(os.path.lexists(os.path.join(path, f)) for f in (CONFIG_NAME, INCOMPLETE_MARKER, INDEX_NAME)) or bool(
         glob.glob(os.path.join(path, "*.safetensors"))
     )
 
@@ -135,8 +178,11 @@ class SourceExtents:
 
     def extents(self, path: str) -> list[tuple[int, int]]:
         if path not in self._cache:
-            with open(path, "rb") as f:
-                self._cache[path] = list(data_extents(f.fileno(), 0, os.fstat(f.fileno()).st_size))
+            fd = open_regular(path, "safetensors file")
+            try:
+                self._cache[path] = list(data_extents(fd, 0, os.fstat(fd).st_size))
+            finally:
+                os.close(fd)
         return self._cache[path]
 
     def data_bytes(self, path: str, begin: int, n: int) -> int:
@@ -171,44 +217,79 @@ class SourceExtents:
 
 
 def check_free_disk(dst: str, plan: SurgeryPlan, shards: list[int], need: int | None = None) -> None:
+    """Raise unless the file system DST is (or will be) on has `need` bytes free; names DST."""
     need = bytes_to_write(plan, shards) if need is None else need
-    have = free_bytes(dst)
+    have = free_bytes(dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst)))
     if need > have:
         raise ValueError(
-            f"not enough free disk for {dst}: the output needs {_gb(need)}, the file system has {_gb(have)} free"
+            f"not enough free disk for {dst}: the output needs {_size(need)}, the file system has {_size(have)} free"
         )
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _size(n: int) -> str:
+    """Bytes in the largest unit that keeps a digit before the point, with the exact count."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n} bytes)"
+    return f"{n} bytes"
 
 
+# ---- the unfinished-output marker ------------------------------------------------------------------
 def has_marker(dst: str) -> bool:
-    return os.path.exists(os.path.join(dst, INCOMPLETE_MARKER))
+    return os.path.lexists(os.path.join(dst, INCOMPLETE_MARKER))
 
 
-def check_marker(dst: str, plan: SurgeryPlan) -> None:
-    """Raise unless the unfinished output in dst was started by this same plan."""
-    with open(os.path.join(dst, INCOMPLETE_MARKER), encoding="utf-8") as f:
-        recorded = json.load(f).get("plan_sha256")
+def read_marker(dst: str | OutputDir) -> dict:
+    """The validated marker (validate.check_marker); CheckpointError naming it when damaged."""
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    try:
+        path = out.join(INCOMPLETE_MARKER)
+        raw = out.read_bytes(INCOMPLETE_MARKER)
+        return check_marker_json(parse_json(raw, path, "unfinished-output marker"), path)
+    finally:
+        if out is not dst:
+            out.close()
+
+
+def check_marker(dst: str, plan: SurgeryPlan, layout: CheckpointLayout | None = None) -> dict:
+    """Raise unless the unfinished output in dst was started by this same plan from this same source
+    (sources.check_resumable: content record, and the stat of every file that is still the same
+    inode). Returns the marker."""
+    marker = read_marker(dst)
+    if layout is not None:
+        sources.check_resumable(layout, plan.source, marker, dst)
+    recorded = marker["plan_sha256"]
     if recorded != plan.digest():
         raise ValueError(
-            f"{dst} was started with different options or source (plan {str(recorded)[:12]}, now "
+            f"{dst} was started with different options or source (plan {recorded[:12]}, now "
             f"{plan.digest()[:12]}); rerun with the original options, or use --overwrite to start again"
         )
+    return marker
 
 
-def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool) -> None:
-    """Create dst (replacing it with overwrite) and mark it incomplete. Call after check_destination."""
-    if os.path.exists(dst) and os.listdir(dst) and overwrite:
-        shutil.rmtree(dst)
-    os.makedirs(dst, exist_ok=True)
-    write_json_atomic(
-        os.path.join(dst, INCOMPLETE_MARKER),
-        {"plan_sha256": plan.digest(), "method": plan.method, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    )
-    os.makedirs(os.path.join(dst, SHARDS_DIR), exist_ok=True)
-    fsync_dir(dst)
+def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool, layout: CheckpointLayout | None = None) -> OutputDir:
+    """Create dst (replacing it with overwrite) and mark it incomplete. Call after check_destination.
+
+    Returns the open output folder (close it when done)."""
+    if overwrite and os.path.isdir(dst) and not os.path.islink(dst) and os.listdir(dst):
+        shutil.rmtree(dst)  # fd-based: links inside are removed, never followed
+    out = OutputDir(dst, create=True)
+    try:
+        marker = {
+            "plan_sha256": plan.digest(),
+            "method": plan.method,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": plan.source,
+        }
+        if layout is not None:
+            marker["source_stat"] = sources.stat_record(layout)
+        out.write_json_atomic(INCOMPLETE_MARKER, marker)
+        out.subdir(SHARDS_DIR).close()
+        out.fsync()
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 # ---- per-shard sidecars and checksums ------------------------------------------------------------
@@ -233,51 +314,97 @@ def sidecar_template(plan: SurgeryPlan, i: int, mode: str = "sample", digest: st
     return json.dumps(record, indent=2) + "\n"
 
 
-def record_shard(dst: str, plan: SurgeryPlan, i: int, checksum: str, digest: str | None = None) -> None:
+def record_shard(dst: str | OutputDir, plan: SurgeryPlan, i: int, checksum: str, digest: str | None = None) -> None:
     """Write shard i's sidecar; checksum is labelled (checksum.label)."""
-    path = sidecar_path(dst, plan.shards[i].file)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(sidecar_record(plan, i, checksum, digest), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    try:
+        with out.subdir(SHARDS_DIR) as side:
+            side.write_json_atomic(plan.shards[i].file + ".json", sidecar_record(plan, i, checksum, digest))
+    finally:
+        if out is not dst:
+            out.close()
+
+
+def _read_record(folder: OutputDir, name: str) -> object:
+    try:
+        return json.loads(folder.read_bytes(name, limit=1 << 20))
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_records(out: OutputDir) -> dict[str, object]:
+    """shard file -> its record: the sidecar, else the copy finish() put into the marker."""
+    records: dict[str, object] = {}
+    try:
+        marker = read_marker(out)
+        records.update(marker.get("finished_shards") or {})
+    except (OSError, ValueError):
+        pass
+    if out.lstat(SHARDS_DIR) is not None:
+        try:
+            with out.subdir(SHARDS_DIR, create=False) as side:
+                for name in side.listdir():
+                    if name.endswith(".json"):
+                        record = _read_record(side, name)
+                        if record is not None:
+                            records[name[: -len(".json")]] = record
+        except (OSError, ValueError):
+            pass
+    return records
 
 
 def completed_shards(
-    dst: str,
+    dst: str | OutputDir,
     plan: SurgeryPlan,
     candidates: list[int] | None = None,
     *,
     verify: bool = True,
     max_memory: int = 512 << 20,
     threads: int | None = None,
+    require: str = "sample",
 ) -> set[int]:
-    """Shards (of candidates, default all) already finished: renamed into place with the plan's size
-    and header, and a sidecar of this plan whose checksum matches the file's content (re-read, with
-    the coverage the sidecar records, when verify). A shard with a sidecar that fails the checksum
-    is reported on stderr; none of the failing shards is counted."""
+    """Shards (of candidates, default all) already finished: regular files (not links) renamed into
+    place with the plan's size and header, and a record of this plan whose checksum matches the
+    file's content (re-read, with the coverage the record names, when verify). require="full"
+    trusts only shards recorded with a full checksum (the others are written again). A shard whose
+    record fails the checksum is reported on stderr; none of the failing shards is counted."""
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    try:
+        return _completed_shards(out, plan, candidates, verify, max_memory, threads, require)
+    finally:
+        if out is not dst:
+            out.close()
+
+
+def _completed_shards(out, plan, candidates, verify, max_memory, threads, require) -> set[int]:
     digest = plan.digest()
+    records = _shard_records(out)
     found: list[tuple[int, str, str]] = []  # (shard, path, recorded checksum)
     for i in range(len(plan.shards)) if candidates is None else candidates:
         shard = plan.shards[i]
-        path = os.path.join(dst, shard.file)
-        if not os.path.isfile(path) or os.path.getsize(path) != shard.file_size:
+        st = out.lstat(shard.file)
+        if st is None or not out.is_regular(shard.file) or st.st_size != shard.file_size:
             continue
         header = shard.header_bytes()
-        with open(path, "rb") as f:
-            if f.read(len(header)) != header:
-                continue
+        fd = out.open_read(shard.file)
         try:
-            with open(sidecar_path(dst, shard.file), encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue  # finished before its sidecar landed (Python engine) or never finished: redo
+            if os.pread(fd, len(header), 0) != header:
+                continue
+        finally:
+            os.close(fd)
+        record = records.get(shard.file)
         if not isinstance(record, dict) or record != sidecar_record(plan, i, record.get("checksum"), digest):
-            continue
-        if checksum_def.parse(record["checksum"]) is None:
+            continue  # finished before its sidecar landed (Python engine) or never finished: redo
+        parsed = checksum_def.parse(record["checksum"])
+        if parsed is None:
             continue  # e.g. "none": written without a checksum, nothing to verify it by
-        found.append((i, path, record["checksum"]))
+        if require == "full" and parsed[0] != "full":
+            print(
+                f"tli: {out.join(shard.file)}: recorded with a sampled checksum; --verify full writes it again",
+                file=sys.stderr,
+            )
+            continue
+        found.append((i, out.join(shard.file), record["checksum"]))
     if not verify or not found:
         return {i for i, _, _ in found}
     now_by_shard: dict[int, str] = {}
@@ -299,48 +426,74 @@ def completed_shards(
     return done
 
 
-def remove_partials(dst: str, plan: SurgeryPlan, shards: list[int]) -> None:
+def remove_partials(dst: str | OutputDir, plan: SurgeryPlan, shards: list[int]) -> None:
     """Delete leftovers of an interrupted run for these shards (other parts' files are not touched)."""
-    for i in shards:
-        path = os.path.join(dst, plan.shards[i].file) + PARTIAL_SUFFIX
-        if os.path.exists(path):
-            os.unlink(path)
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    try:
+        for i in shards:
+            out.unlink(plan.shards[i].file + PARTIAL_SUFFIX)
+    finally:
+        if out is not dst:
+            out.close()
 
 
 def finish(
-    dst: str, plan: SurgeryPlan, layout: CheckpointLayout, version: str, verified: set[int] | None = None
+    dst: str | OutputDir,
+    plan: SurgeryPlan,
+    layout: CheckpointLayout,
+    version: str,
+    verified: set[int] | None = None,
 ) -> None:
     """Write the files that make dst a complete model folder, config.json last, then drop the marker.
 
     Shards in `verified` (written or checked by this run) are trusted; the others must pass
-    completed_shards (checksum re-read) first.
+    completed_shards (checksum re-read) first. A kill anywhere in here leaves the marker (so the
+    folder is refused and --resume finishes it) or a complete folder with nothing else in it.
     """
-    verified = set(verified or ())
+    out = OutputDir(dst) if isinstance(dst, str) else dst
+    try:
+        _finish(out, plan, layout, version, set(verified or ()))
+    finally:
+        if out is not dst:
+            out.close()
+
+
+def _finish(out: OutputDir, plan: SurgeryPlan, layout: CheckpointLayout, version: str, verified: set[int]) -> None:
     rest = [i for i in range(len(plan.shards)) if i not in verified]
-    done = verified | (completed_shards(dst, plan, rest) if rest else set())
+    done = verified | (completed_shards(out, plan, rest) if rest else set())
     missing = [s.file for i, s in enumerate(plan.shards) if i not in done]
     if missing:
         raise RuntimeError(
-            f"cannot finish {dst}: {len(missing)} shard(s) missing or incomplete (e.g. {missing[0]}); "
+            f"cannot finish {out.path}: {len(missing)} shard(s) missing or incomplete (e.g. {missing[0]}); "
             "run the remaining --part jobs, or --resume"
         )
-    for leftover in glob.glob(os.path.join(dst, "*" + PARTIAL_SUFFIX)):
-        os.unlink(leftover)
+    # The output is only as good as the source was for the whole run (sources.py, check 4).
+    sources.verify_unchanged(layout, plan.source)
+    # 1. The shards' records move into the marker, so the sidecar folder can go before anything
+    #    that makes the folder look finished (a crash after this still resumes without rewriting).
+    marker = read_marker(out)
+    records = _shard_records(out)
+    marker["finished_shards"] = {s.file: records[s.file] for s in plan.shards if s.file in records}
+    out.write_json_atomic(INCOMPLETE_MARKER, marker)
+    # 2. tli's leftovers: sidecars, .partial files and temporary files of earlier, killed runs.
+    out.rmtree(SHARDS_DIR)
+    for name in out.listdir():
+        if name != INCOMPLETE_MARKER and (name.endswith(PARTIAL_SUFFIX) or _TMP_NAME.match(name)):
+            out.unlink(name)
+    # 3. What makes it a model folder, config.json last.
     if len(plan.shards) > 1:
-        write_json_atomic(os.path.join(dst, INDEX_NAME), plan.index_json())
+        out.write_json_atomic(INDEX_NAME, plan.index_json())
+    side_hashes = plan.source.get("side_files") or {}
     for name in plan.side_files:
-        target = os.path.join(dst, name)
-        shutil.copyfile(os.path.join(layout.path, name), target + ".tmp")
-        os.replace(target + ".tmp", target)
-    write_json_atomic(os.path.join(dst, PROVENANCE_NAME), plan.provenance(version))
-    write_json_atomic(os.path.join(dst, CONFIG_NAME), plan.config)
-    fsync_dir(dst)
-    os.unlink(os.path.join(dst, INCOMPLETE_MARKER))
-    fsync_dir(dst)
-    # After the marker: a crash before this point must still find the sidecars on --resume.
-    shutil.rmtree(os.path.join(dst, SHARDS_DIR), ignore_errors=True)
+        out.copy_in(name, os.path.join(layout.path, name), side_hashes.get(name))
+    out.write_json_atomic(PROVENANCE_NAME, plan.provenance(version))
+    out.write_json_atomic(CONFIG_NAME, plan.config)
+    out.fsync()
+    # 4. The marker last: from here on tli accepts the folder too.
+    out.unlink(INCOMPLETE_MARKER)
+    out.fsync()
 
 
 def check_complete_output(path: str) -> None:
-    if os.path.exists(os.path.join(path, INCOMPLETE_MARKER)):
+    if os.path.lexists(os.path.join(path, INCOMPLETE_MARKER)):
         raise CheckpointError("unfinished tli output (run it again with --resume)", path)

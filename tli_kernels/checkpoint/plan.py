@@ -79,8 +79,13 @@ class OutShard:
     tensors: list[OutTensor]
 
     def header_bytes(self) -> bytes:
-        """The exact header (length prefix included) both executors write."""
-        return build_header([(t.name, t.dtype, t.shape) for t in self.tensors], SHARD_METADATA)
+        """The exact header (length prefix included) both executors write. Built once per shard
+        (plans are not changed once built): a shard of 200k tensors takes seconds to build."""
+        key = (id(self.tensors), len(self.tensors))
+        if self.__dict__.get("_header_key") != key:
+            self.__dict__["_header"] = build_header(((t.name, t.dtype, t.shape) for t in self.tensors), SHARD_METADATA)
+            self.__dict__["_header_key"] = key
+        return self.__dict__["_header"]
 
     @property
     def data_bytes(self) -> int:
@@ -188,10 +193,32 @@ class SurgeryPlan:
         )
 
     def digest(self) -> str:
-        """sha256 of the plan's data ops and config (not of where the source lives)."""
-        obj = self.to_json()
-        obj["source"] = {k: v for k, v in self.source.items() if k != "path"}
-        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        """sha256 of the plan's data ops and config (not of where the source lives): the JSON of
+        everything but the shards, then per shard its file name and each tensor's JSON, so a plan of
+        a million tensors is hashed without its whole JSON in memory (JSON texts delimit
+        themselves). Computed once: plans are not changed once built, and a run asks many times."""
+        if "_digest" not in self.__dict__:
+            head = self.to_json_head()
+            head["source"] = {k: v for k, v in self.source.items() if k != "path"}
+            h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+            for s in self.shards:
+                h.update(json.dumps(s.file).encode())
+                for t in s.tensors:
+                    h.update(json.dumps([t.name, t.dtype, list(t.shape), t.op.to_json()], sort_keys=True).encode())
+            self.__dict__["_digest"] = h.hexdigest()
+        return self.__dict__["_digest"]
+
+    def to_json_head(self) -> dict:
+        """to_json() without the shards."""
+        return {
+            "format": self.format,
+            "method": self.method,
+            "options": self.options,
+            "source": self.source,
+            "config": self.config,
+            "layers": self.layers,
+            "side_files": self.side_files,
+        }
 
 
 def _numel(shape) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -110,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The executors compute in float32: an --alpha that float32 cannot hold (|a| >= 3.4028235677973366e38
+# rounds to inf) would write inf/NaN weights. Overflow that depends on the weights (a finite but large
+# --alpha on fp16/bf16 weights) is refused by the executors element by element.
+_F32_OVERFLOW = 3.4028235677973366e38
+MAX_THREADS = 256
+
+
+def check_alpha_option(alpha: float | None) -> None:
+    if alpha is None:
+        return
+    if not math.isfinite(alpha):
+        raise ValueError(f"--alpha {alpha}: must be a finite number")
+    if abs(alpha) >= _F32_OVERFLOW:
+        raise ValueError(
+            f"--alpha {alpha:g}: beyond float32 (largest 3.4028e+38), the precision tli computes in; "
+            "every scaled weight would be inf or NaN"
+        )
+
+
 def _method_kwargs(args: argparse.Namespace) -> dict:
     allowed = METHOD_OPTIONS[args.method]
     given = {o: getattr(args, o) for o in ALL_METHOD_OPTIONS if getattr(args, o) is not None}
@@ -120,6 +140,7 @@ def _method_kwargs(args: argparse.Namespace) -> dict:
             f"{flag} does not apply to --method {args.method} (it takes: "
             f"{', '.join('--' + o.replace('_', '-') for o in allowed)})"
         )
+    check_alpha_option(given.get("alpha"))
     return given
 
 
@@ -164,9 +185,12 @@ def _plan_summary(plan, layout) -> list[str]:
 def cmd_plan(args) -> int:
     from tli_kernels.checkpoint.layout import CheckpointLayout
     from tli_kernels.methods import make_plan
+    from tli_kernels.upscale import check_numbers
 
+    kwargs = _method_kwargs(args)
     layout = CheckpointLayout.open(args.src)
-    plan = make_plan(layout, args.method, _common(args), **_method_kwargs(args))
+    plan = make_plan(layout, args.method, _common(args), **kwargs)
+    check_numbers(plan)
     if args.json:
         json.dump(plan.to_json(), sys.stdout, indent=1)
         print()
@@ -187,8 +211,8 @@ def cmd_plan(args) -> int:
 def cmd_upscale(args) -> int:
     from tli_kernels.upscale import parse_size, upscale
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: must be at least 1")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads {args.threads}: must be between 1 and {MAX_THREADS}")
     kwargs = dict(
         common=_common(args),
         options=_method_kwargs(args),
@@ -228,7 +252,8 @@ def cmd_upscale(args) -> int:
 def cmd_inspect(args) -> int:
     from tli_kernels.architectures import architecture_names
     from tli_kernels.checkpoint.errors import CheckpointError
-    from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
+    from tli_kernels.checkpoint.layout import CheckpointLayout
+    from tli_kernels.checkpoint.validate import read_provenance
 
     layout = CheckpointLayout.open(args.path)
     c = layout.config
@@ -258,12 +283,10 @@ def cmd_inspect(args) -> int:
         "parameters": layout.num_parameters,
         "dtypes": dtypes,
     }
-    prov_path = os.path.join(layout.path, PROVENANCE_NAME)
-    if os.path.isfile(prov_path):
-        with open(prov_path, encoding="utf-8") as f:
-            prov = json.load(f)
+    prov = read_provenance(layout.path)  # validated: types checked, errors name the file
+    if prov is not None:
         info["tli"] = {k: prov.get(k) for k in ("method", "options", "injected_layers", "residual_scales")}
-        info["tli"]["source"] = prov.get("source", {}).get("path")
+        info["tli"]["source"] = (prov.get("source") or {}).get("path")
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -327,9 +350,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:
+        args = build_parser().parse_args(argv)
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
         return handler(args)
     except KeyboardInterrupt:
         print("tli: interrupted; nothing incomplete was left looking complete (finish with --resume)", file=sys.stderr)
@@ -338,6 +361,20 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TLI_DEBUG"):
             raise
         print(f"tli: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        if os.environ.get("TLI_DEBUG"):
+            raise
+        print("tli: error: out of memory (TLI_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line and exit 1, never a traceback for the user
+        if os.environ.get("TLI_DEBUG"):
+            raise
+        print(
+            f"tli: error: internal error ({type(e).__name__}: {_one_line(e)}); please report it, "
+            "TLI_DEBUG=1 shows the traceback",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -322,7 +322,8 @@ def markdown(results: dict) -> str:
         "is the largest over them. GB/s written = bytes written / wall; source GB/s = source size / wall (the "
         "model converted per second). The TLI jobs write more bytes than `cp` (the injected layers: 1.4x at "
         "1B/3B, see the last column). "
-        "`tli (native)` is the command line (`tli upscale`), whose start-up is shown on its own (`tli upscale --help`); "
+        "`tli (native)` is the command line (`tli upscale`), whose start-up is shown on its own "
+        "(`tli upscale --help`); "
         "`tli library call` is `tli_kernels.upscale.upscale()` in a fresh interpreter. `cp` keeps what it "
         "writes in the page cache; the engine drops its output pages once written (docs/engine.md), which is "
         "why it overtakes `cp` once the output no longer fits comfortably in memory.",

@@ -37,6 +37,7 @@ from tli_kernels.checkpoint.layout import (
     PROVENANCE_NAME,
     CheckpointLayout,
 )
+from tli_kernels.checkpoint.model_card import write_model_card
 from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, write_json_atomic
 
 SHARDS_DIR = ".tli-shards"
@@ -332,6 +333,7 @@ def finish(
         target = os.path.join(dst, name)
         shutil.copyfile(os.path.join(layout.path, name), target + ".tmp")
         os.replace(target + ".tmp", target)
+    write_model_card(dst, plan, layout, version)  # README.md with the Hub's front matter (model_card.py)
     write_json_atomic(os.path.join(dst, PROVENANCE_NAME), plan.provenance(version))
     write_json_atomic(os.path.join(dst, CONFIG_NAME), plan.config)
     fsync_dir(dst)

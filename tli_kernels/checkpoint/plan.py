@@ -190,8 +190,16 @@ class SurgeryPlan:
     def digest(self) -> str:
         """sha256 of the plan's data ops and config (not of where the source lives)."""
         obj = self.to_json()
-        obj["source"] = {k: v for k, v in self.source.items() if k != "path"}
+        obj["source"] = _without_paths(self.source)
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _without_paths(source: dict) -> dict:
+    """A source identity without the folders it was read from (several, for a multi-source recipe)."""
+    out = {k: v for k, v in source.items() if k != "path"}
+    if isinstance(out.get("sources"), list):
+        out["sources"] = [_without_paths(s) if isinstance(s, dict) else s for s in out["sources"]]
+    return out
 
 
 def _numel(shape) -> int:

@@ -1,0 +1,316 @@
+"""mergekit passthrough recipes through tli: mergekit's own passthrough examples and typical community
+recipes (two-model interleaves, DUS, self-merges with repeated and overlapping layers, scaled
+duplicates, dtype casts, sharded and tied sources, Mistral and Qwen2), each compared tensor by tensor
+with an independent reference built from the source tensors and the YAML (recipe_reference.py), its
+config checked, and loaded by stock transformers. Then: recipes compile to the same plan as the flag
+form, flag-form plans written back as recipes mean the same, and bad recipes fail before any write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import save_tiny_llama
+from tests.methods.recipe_reference import compare, read_folder, reference_merge
+from tli_kernels.checkpoint.layout import CheckpointLayout
+from tli_kernels.methods import CommonOptions, make_plan
+from tli_kernels.methods.recipe import compile_recipe, parse_recipe, plan_to_recipe, recipe_yaml
+from tli_kernels.upscale import upscale
+
+ZERO_BRANCHES = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe-models")
+    m = {}
+
+    def save(key, **kw):
+        m[key] = save_tiny_llama(str(root / key), **kw)
+
+    save("a", layers=6, seed=1, shard="60KB")  # sharded source
+    save("b", layers=6, seed=2, shard=None)
+    save("f32", layers=4, seed=3, shard=None, dtype=torch.float32)
+    save("tied", layers=4, seed=4, shard=None, tie=True)
+    save("m1", layers=6, seed=5, model_type="mistral", shard=None)
+    save("m2", layers=6, seed=6, model_type="mistral", shard="60KB")
+    qwen = dict(
+        layers=6, model_type="qwen2", shard=None, use_sliding_window=True, max_window_layers=3, sliding_window=16
+    )
+    save("q1", seed=7, **qwen)
+    save("q2", seed=8, **qwen)
+    m["narrow"] = _save_narrow(str(root / "narrow"))
+    # b with a different rms_norm_eps: a soft difference, so the config donor shows
+    m["b_eps"] = str(root / "b_eps")
+    shutil.copytree(m["b"], m["b_eps"])
+    _edit_config(m["b_eps"], rms_norm_eps=1e-5)
+    return m
+
+
+def _save_narrow(path: str) -> str:
+    """A Llama like the others but with hidden size 32: its layers do not fit theirs."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _edit_config(path, **kv):
+    p = os.path.join(path, "config.json")
+    cfg = json.load(open(p))
+    cfg.update(kv)
+    json.dump(cfg, open(p, "w"))
+
+
+def S(model: str, a: int, b: int, **params) -> dict:
+    source = {"model": model, "layer_range": [a, b]}
+    if params:
+        source["parameters"] = params
+    return {"sources": [source]}
+
+
+def R(*slices, **top) -> dict:
+    return {"slices": list(slices), "merge_method": "passthrough", **top}
+
+
+def _layers(cfg_path: str) -> list[str] | None:
+    return json.load(open(cfg_path)).get("layer_types")
+
+
+# name -> recipe(models), tensors allowed one ulp (documented double rounding), engine
+CASES = {
+    # mergekit's own example (examples/orcamini-platy-44layer.yml), shrunk to 6-layer models
+    "two models, mergekit example": lambda m: R(S(m["a"], 0, 4), S(m["b"], 2, 6), dtype="float16"),
+    "goliath-style interleave": lambda m: R(
+        S(m["a"], 0, 3), S(m["b"], 1, 4), S(m["a"], 2, 5), S(m["b"], 3, 6), dtype="bfloat16"
+    ),
+    "dus (SOLAR)": lambda m: R(S(m["a"], 0, 4), S(m["a"], 2, 6)),
+    "self-merge, repeated and overlapping": lambda m: R(
+        S(m["a"], 0, 3), S(m["a"], 1, 3), S(m["a"], 1, 3), S(m["a"], 2, 6)
+    ),
+    "zero-init duplicates": lambda m: R(S(m["a"], 0, 2), S(m["a"], 1, 2, scale=ZERO_BRANCHES), S(m["a"], 2, 6)),
+    "0.3-scaled duplicate in bf16": lambda m: R(
+        S(m["a"], 0, 4),
+        S(m["a"], 3, 5, scale=[{"filter": "o_proj", "value": 0.3}, {"filter": "down_proj", "value": 0.3}]),
+        S(m["a"], 5, 6),
+    ),
+    "gradient and recipe-wide filter": lambda m: R(
+        S(m["a"], 0, 3),
+        S(m["b"], 0, 6, scale=[{"filter": "self_attn.o_proj", "value": 0.7}]),
+        parameters={"scale": [{"filter": "down_proj", "value": [0.25, 1.0]}]},
+    ),
+    "unfiltered scale reaches embeddings and head": lambda m: R(S(m["a"], 0, 6), parameters={"scale": 0.5}),
+    "dtype cast (models:)": lambda m: {
+        "models": [{"model": m["a"]}],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    },
+    "float32 work, bfloat16 out": lambda m: R(
+        S(m["a"], 0, 4), S(m["a"], 2, 6, scale=0.3), dtype="float32", out_dtype="bfloat16"
+    ),
+    "tied embeddings": lambda m: R(S(m["tied"], 0, 2), S(m["tied"], 1, 4)),
+    "mistral, two models": lambda m: R(S(m["m1"], 0, 4), S(m["m2"], 2, 6), dtype="bfloat16"),
+    "qwen2 with sliding-window layers": lambda m: R(S(m["q1"], 0, 4), S(m["q2"], 1, 6)),
+    "base_model supplies the config": lambda m: R(S(m["a"], 0, 3), S(m["b_eps"], 3, 6), base_model=m["b_eps"]),
+}
+
+
+def _run(recipe: dict, dst: str, tmp_path, engine=None):
+    path = tmp_path / "recipe.yml"
+    path.write_text(recipe_yaml(recipe))
+    return upscale(str(path), dst, None, engine=engine)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_matches_reference(models, tmp_path, case):
+    recipe = CASES[case](models)
+    dst = str(tmp_path / "out")
+    result = _run(recipe, dst, tmp_path, engine="python" if case == "goliath-style interleave" else None)
+    got, want = read_folder(dst), reference_merge(recipe)
+    allowed = compare(got, want)
+    # The one difference allowed here: scale 0 writes +0.0 where mergekit writes -0.0.
+    assert all(v.startswith("sign of zero") for v in allowed.values()), allowed
+    assert ("zero" in case) == bool(allowed)
+
+    slices = recipe.get("slices") or [S(recipe["models"][0]["model"], 0, 6)]
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    donor = recipe.get("base_model") or slices[0]["sources"][0]["model"]
+    donor_cfg = json.load(open(os.path.join(donor, "config.json")))
+    n = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in slices)
+    assert cfg["num_hidden_layers"] == n == len(result.plan.layers)
+    assert cfg["rms_norm_eps"] == donor_cfg["rms_norm_eps"]
+    if recipe.get("dtype"):
+        assert cfg["dtype"] == (recipe.get("out_dtype") or recipe["dtype"])
+    if "qwen2" in case:  # per-layer entries follow each output layer's source layer, per model
+        src_types = [
+            (_layers(os.path.join(s["sources"][0]["model"], "config.json")), s["sources"][0]["layer_range"])
+            for s in slices
+        ]
+        expected = [types[i] for types, (a, b) in src_types for i in range(a, b)]
+        assert cfg["layer_types"] == expected and "sliding_attention" in expected
+        assert cfg["max_window_layers"] == 3  # output layers 0-2 come from q1's 0-2 (< 3); layer 3 is q1's 3
+    model, info = AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.num_hidden_layers == n
+
+
+def test_cast_and_scale_differs_by_one_ulp_at_most(models, tmp_path):
+    """float32 weights cast to bfloat16 and scaled by 0.3: mergekit rounds twice (cast, then product),
+    tli once. The documented consequence: some elements one unit in the last place apart, no more."""
+    m = models
+    recipe = R(S(m["f32"], 0, 4), S(m["f32"], 2, 4, scale=0.3), dtype="bfloat16")
+    dst = str(tmp_path / "out")
+    _run(recipe, dst, tmp_path)
+    scaled = {
+        f"model.layers.{j}.{k.split('.', 3)[3]}" for j in (4, 5) for k in read_folder(m["f32"]) if ".layers.0." in k
+    }
+    scaled |= {"model.norm.weight", "lm_head.weight"}  # the last slice's scale reaches them too
+    allowed = compare(read_folder(dst), reference_merge(recipe), ulp_ok=scaled)
+    assert allowed and set(allowed) <= scaled
+    exact = compare(read_folder(dst), _single_rounding(reference_merge, recipe))
+    assert not exact  # and tli's is exactly the once-rounded product
+
+
+def _single_rounding(ref, recipe):
+    """The same recipe computed in float32 and rounded once (what tli documents it does)."""
+    f32 = ref({**recipe, "dtype": "float32"})
+    return {k: v.to(torch.bfloat16) for k, v in f32.items()}
+
+
+def test_recipe_compiles_to_the_flag_forms_plan(models):
+    a = models["a"]
+    layout = CheckpointLayout.open(a)
+    common = CommonOptions()
+    pairs = [
+        (R(S(a, 0, 4), S(a, 2, 6)), ("dus", dict(m=2))),
+        (R(S(a, 0, 6), S(a, 0, 6)), ("stack", dict(times=2))),
+        (R(S(a, 0, 4), S(a, 2, 6)), ("passthrough", dict(layers="0-3,2-5"))),
+        (
+            R(
+                *[
+                    s
+                    for g in range(3)
+                    for s in (S(a, 2 * g, 2 * g + 2), S(a, 2 * g + 1, 2 * g + 2, scale=ZERO_BRANCHES))
+                ]
+            ),
+            ("block-expansion", dict(k=2)),
+        ),
+    ]
+    for recipe, (method, options) in pairs:
+        _, from_recipe, _ = compile_recipe(parse_recipe(recipe), common)
+        from_flags = make_plan(layout, method, common, **options)
+        assert [s.tensors for s in from_recipe.shards] == [s.tensors for s in from_flags.shards], method
+        assert from_recipe.config == from_flags.config
+        if method == "block-expansion":  # its identity layers are injected layers to training, too
+            assert from_recipe.residual_scales() == from_flags.residual_scales()
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("tli", dict(k=2, init="copy", alpha=0.5)),
+        ("tli", dict(k=3, init="zero")),
+        ("block-expansion", dict(k=2)),
+        ("dus", dict(m=2)),
+        ("stack", dict(times=2)),
+        ("passthrough", dict(layers="0-3,2-5,5")),
+    ],
+)
+def test_flag_plans_written_as_recipes_mean_the_same(models, tmp_path, method, options):
+    """`tli plan --recipe`: the YAML, read by the independent reference (mergekit's rules), gives the
+    tensors tli writes for the flags (sign of zero aside); and with dtype set, its cast."""
+    src = models["a"]
+    dst = str(tmp_path / "out")
+    common = CommonOptions(dtype="fp16")
+    result = upscale(src, dst, method, common=common, options=options)
+    recipe = plan_to_recipe(result.plan, CheckpointLayout.open(src))
+    assert recipe["dtype"] == "float16"
+    text = recipe_yaml(recipe)
+    assert "layer_range: [" in text  # mergekit's flow style for ranges
+    # bf16 -> fp16 rounds values fp16 holds only as subnormals: a scaled tensor may differ by one ulp
+    scaled = {t.name for t in result.plan.tensors() if t.op.kind == "scale"}
+    allowed = compare(read_folder(dst), reference_merge(recipe), ulp_ok=scaled)
+    assert all(v.startswith("sign of zero") or k in scaled for k, v in allowed.items()), allowed
+
+
+@pytest.mark.parametrize(
+    "method, options, match",
+    [
+        ("tli", dict(k=2, init="average"), "averages layers"),
+        ("tli", dict(k=2, init="random"), "initialised at random"),
+        ("moe-upcycle", dict(experts=2, top_k=1), "moe-upcycle cannot"),
+    ],
+)
+def test_plans_passthrough_cannot_express(models, method, options, match):
+    layout = CheckpointLayout.open(models["b"])
+    plan = make_plan(layout, method, CommonOptions(), **options)
+    with pytest.raises(ValueError, match=match):
+        plan_to_recipe(plan, layout)
+
+
+BAD = {
+    "other merge method": (lambda m: {**R(S(m["a"], 0, 2)), "merge_method": "slerp"}, "merge_method 'slerp'"),
+    "two sources in a slice": (
+        lambda m: R({"sources": S(m["a"], 0, 2)["sources"] + S(m["b"], 0, 2)["sources"]}),
+        "slice 1 has 2 sources",
+    ),
+    "range past the end": (lambda m: R(S(m["a"], 0, 7)), "the model has 6 layers"),
+    "empty range": (lambda m: R(S(m["a"], 3, 3)), "half-open"),
+    "different hidden size": (lambda m: R(S(m["a"], 0, 2), S(m["narrow"], 0, 2)), "differ in hidden_size"),
+    "different architecture": (
+        lambda m: R(S(m["a"], 0, 2), S(m["m1"], 0, 2)),
+        "different architectures|differ in model_type",
+    ),
+    "different dtypes, none set": (lambda m: R(S(m["a"], 0, 2), S(m["f32"], 0, 2)), "set the output dtype"),
+    "no such model": (lambda m: R(S("/nonexistent/model", 0, 2)), "no such directory"),
+    "lora": (lambda m: R(S(m["a"] + "+some/adapter", 0, 2)), "LoRA"),
+    "scale not a number": (lambda m: R(S(m["a"], 0, 2, scale="lots")), "'lots' is not a number"),
+    "tokenizer tokens": (lambda m: {**R(S(m["a"], 0, 2)), "tokenizer": {"tokens": {"<x>": {}}}}, "tokens"),
+    "dtype float64": (lambda m: {**R(S(m["a"], 0, 2)), "dtype": "float64"}, "dtype 'float64'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_recipes_fail_before_writing(models, tmp_path, case):
+    build, match = BAD[case]
+    dst = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=match) as info:
+        _run(build(models), dst, tmp_path)
+    assert "\n" not in str(info.value)
+    assert not os.path.exists(dst)
+
+
+def test_multi_source_plan_records_every_source(models):
+    a, b = models["a"], models["b"]
+    layout, plan, _ = compile_recipe(parse_recipe(R(S(a, 0, 3), S(b, 1, 4))))
+    ids = plan.source["sources"]
+    assert [s["model"] for s in ids] == [a, b]
+    assert ids[0]["files"] == CheckpointLayout.open(a).identity()["files"]
+    assert ids[1]["files"] == CheckpointLayout.open(b).identity()["files"]
+    assert [(e["model"], e["source"]) for e in plan.layers] == [
+        (a, [0]),
+        (a, [1]),
+        (a, [2]),
+        (b, [1]),
+        (b, [2]),
+        (b, [3]),
+    ]
+    names = {n.split("::", 1)[0] for t in plan.tensors() for n in t.op.src}
+    assert names == {"0", "1"}  # tensor names qualified by source, as the engines read them

@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import save_tiny_llama
 from tests.methods.recipe_reference import compare, read_folder, reference_merge
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.methods import CommonOptions, make_plan
@@ -24,59 +23,6 @@ from tli_kernels.methods.recipe import compile_recipe, parse_recipe, plan_to_rec
 from tli_kernels.upscale import upscale
 
 ZERO_BRANCHES = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe-models")
-    m = {}
-
-    def save(key, **kw):
-        m[key] = save_tiny_llama(str(root / key), **kw)
-
-    save("a", layers=6, seed=1, shard="60KB")  # sharded source
-    save("b", layers=6, seed=2, shard=None)
-    save("f32", layers=4, seed=3, shard=None, dtype=torch.float32)
-    save("tied", layers=4, seed=4, shard=None, tie=True)
-    save("m1", layers=6, seed=5, model_type="mistral", shard=None)
-    save("m2", layers=6, seed=6, model_type="mistral", shard="60KB")
-    qwen = dict(
-        layers=6, model_type="qwen2", shard=None, use_sliding_window=True, max_window_layers=3, sliding_window=16
-    )
-    save("q1", seed=7, **qwen)
-    save("q2", seed=8, **qwen)
-    m["narrow"] = _save_narrow(str(root / "narrow"))
-    # b with a different rms_norm_eps: a soft difference, so the config donor shows
-    m["b_eps"] = str(root / "b_eps")
-    shutil.copytree(m["b"], m["b_eps"])
-    _edit_config(m["b_eps"], rms_norm_eps=1e-5)
-    return m
-
-
-def _save_narrow(path: str) -> str:
-    """A Llama like the others but with hidden size 32: its layers do not fit theirs."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
-    return path
-
-
-def _edit_config(path, **kv):
-    p = os.path.join(path, "config.json")
-    cfg = json.load(open(p))
-    cfg.update(kv)
-    json.dump(cfg, open(p, "w"))
 
 
 def S(model: str, a: int, b: int, **params) -> dict:
@@ -314,3 +260,41 @@ def test_multi_source_plan_records_every_source(models):
     ]
     names = {n.split("::", 1)[0] for t in plan.tensors() for n in t.op.src}
     assert names == {"0", "1"}  # tensor names qualified by source, as the engines read them
+
+
+def _with_tokenizer(src: str, dst, vocab: dict, template: str) -> str:
+    shutil.copytree(src, dst)
+    tok = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}, "added_tokens": []}
+    tok["post_processor"] = {"template": template}  # not part of the vocabulary
+    json.dump(tok, open(os.path.join(dst, "tokenizer.json"), "w"))
+    json.dump({"chat_template": template}, open(os.path.join(dst, "tokenizer_config.json"), "w"))
+    return str(dst)
+
+
+def test_tokenizer_source(models, tmp_path):
+    vocab = {f"t{i}": i for i in range(128)}
+    a = _with_tokenizer(models["a"], tmp_path / "ta", vocab, "A")
+    b = _with_tokenizer(models["b"], tmp_path / "tb", vocab, "B")  # the same vocabulary, another template
+    c = _with_tokenizer(models["b"], tmp_path / "tc", {**vocab, "t0": 127, "t127": 0}, "C")  # ids swapped
+    cases = [
+        (R(S(a, 0, 3), S(b, 3, 6)), a),  # no tokenizer_source: the config donor's (first slice's model)
+        (R(S(a, 0, 3), S(b, 3, 6), base_model=b), b),  # base_model's, as mergekit copies it
+        (R(S(a, 0, 3), S(b, 3, 6), tokenizer_source="union"), a),
+        (R(S(a, 0, 3), S(b, 3, 6), tokenizer_source=b), b),
+        (R(S(a, 0, 3), S(b, 3, 6), base_model=b, tokenizer_source="base"), b),
+    ]
+    for n, (recipe, donor) in enumerate(cases):
+        dst = str(tmp_path / f"out{n}")
+        _run(recipe, dst, tmp_path)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            assert open(os.path.join(dst, f)).read() == open(os.path.join(donor, f)).read(), (n, f)
+    refused = [
+        R(S(a, 0, 3), S(c, 3, 6), tokenizer_source="union"),  # union of different vocabularies
+        R(S(a, 0, 3), S(b, 3, 6), tokenizer_source=c),  # a tokenizer the embeddings do not match
+        R(S(a, 0, 3), S(c, 3, 6)),  # the head (last slice) comes from a model with other token ids
+    ]
+    for n, recipe in enumerate(refused):
+        dst = str(tmp_path / f"bad{n}")
+        with pytest.raises(ValueError, match="different vocabulary"):
+            _run(recipe, dst, tmp_path)
+        assert not os.path.exists(dst)

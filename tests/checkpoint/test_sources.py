@@ -129,6 +129,7 @@ def test_download_fetches_only_what_a_conversion_reads(hub, tmp_path, monkeypatc
 
         return lay_out_cache(Path(cache_dir), repo_id, hub["src"], commit="e" * 40)
 
+    monkeypatch.setattr("tli_kernels.checkpoint.sources._hub_unreachable", lambda: None)  # no network here
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: repo_files)
     dst = str(tmp_path / "dst")
@@ -138,6 +139,15 @@ def test_download_fetches_only_what_a_conversion_reads(hub, tmp_path, monkeypatc
         weights + ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json"]
     )
     assert os.path.exists(os.path.join(dst, "config.json"))
+
+
+def test_unreachable_hub_fails_fast_naming_id_and_cache(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")  # .invalid never resolves (RFC 2606)
+    with pytest.raises(CheckpointError) as info:
+        upscale("org/missing", str(tmp_path / "dst"), "tli", options=OPTIONS)
+    msg = str(info.value)
+    assert "no-such-host.invalid cannot be reached" in msg and "models--org--missing" in msg and "\n" not in msg
 
 
 def test_fetch_list_falls_back_to_bin_weights():
@@ -240,3 +250,11 @@ def test_bin_sources_that_cannot_be_read_in_place(tmp_path, make, match):
         upscale(str(d), str(tmp_path / "dst"), "tli", options=OPTIONS)
     assert "convert it to safetensors" in str(info.value) and "\n" not in str(info.value)
     assert not os.path.exists(tmp_path / "dst")
+
+
+def test_inspect_a_hub_id(hub, capsys):
+    from tli_kernels.cli.main import main
+
+    assert main(["inspect", "org/tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == hub["snapshot"] and "layers        4" in out

@@ -173,6 +173,9 @@ def hub_snapshot(ref: ModelRef) -> str:
             else ("not in the Hugging Face cache")
         )
         raise CheckpointError(f"Hub model {name}: {what} and HF_HUB_OFFLINE is set (looked in {where})")
+    unreachable = _hub_unreachable()
+    if unreachable:  # huggingface_hub would retry for ~25 s before saying the same
+        raise CheckpointError(f"Hub model {name}: not in the Hugging Face cache ({where}) and {unreachable}")
     try:
         from huggingface_hub import list_repo_files
 
@@ -186,6 +189,21 @@ def hub_snapshot(ref: ModelRef) -> str:
     if lacking:
         raise CheckpointError(f"Hub model {name}: the repository has no {', '.join(lacking[:3])}", folder)
     return folder
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached when its host name does not even resolve, else None."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or e}); set HF_HUB_OFFLINE=1 to use the cache only"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -272,9 +272,10 @@ def cmd_upscale(args) -> int:
 def cmd_inspect(args) -> int:
     from tli_kernels.architectures import architecture_names
     from tli_kernels.checkpoint.errors import CheckpointError
-    from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
+    from tli_kernels.checkpoint.layout import PROVENANCE_NAME
+    from tli_kernels.checkpoint.sources import open_source
 
-    layout = CheckpointLayout.open(args.path)
+    layout = open_source(args.path, "PATH")  # a folder or a Hub id
     c = layout.config
     try:  # the layer count as the architecture reads it, and the surgery rule tli would use
         num_layers, rule = layout.num_layers, layout.architecture.name

@@ -108,3 +108,22 @@ def test_recipe_errors(src, tmp_path, capsys, recipe, argv, match):
 def test_method_required_without_a_recipe(src, tmp_path, capsys):
     code, _, err = run(capsys, "upscale", src, tmp_path / "dst")
     assert code == 1 and "--method is required" in err
+
+
+def test_recipe_in_parts_then_resume(src, tmp_path, capsys):
+    """A recipe compiles to the same plan every time, so --part and --resume work as for the flags."""
+    other = save_tiny_llama(str(tmp_path / "other"), layers=6, seed=5)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        f"slices:\n  - sources: [{{model: {src}, layer_range: [0, 4]}}]\n"
+        f"  - sources: [{{model: {other}, layer_range: [2, 6], parameters: {{scale: 0.5}}}}]\n"
+        "merge_method: passthrough\n"
+    )
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(capsys, "upscale", recipe, whole, "--shard-size", "100KB", "--quiet")[0] == 0
+    code, out, err = run(capsys, "upscale", recipe, parts, "--shard-size", "100KB", "--part", "1/2", "--quiet")
+    assert code == 0 and "part 1/2" in out, err
+    assert not (parts / "config.json").exists()
+    code, out, err = run(capsys, "upscale", recipe, parts, "--shard-size", "100KB", "--resume", "--quiet")
+    assert code == 0, err
+    assert shards(whole) == shards(parts) and len(shards(whole)) > 2

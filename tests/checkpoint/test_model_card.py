@@ -38,11 +38,12 @@ def src(tmp_path_factory):
 
 
 def test_card_of_a_flag_plan(src, tmp_path):
-    dst = str(tmp_path / "out")
+    dst = str(tmp_path / "where-it-was-written")
     result = upscale(src, dst, "tli", options=dict(k=2, init="copy", alpha=0.25))
     front, body = card(dst)
-    assert front == {"tags": ["tli", "depth-upscaling", "tli"], "library_name": "transformers"}  # local: no Hub id
+    assert front == {"tags": ["tli", "depth-upscaling"], "library_name": "transformers"}  # local: no Hub id
     assert "tli upscale " in body and "--method tli --k 2 --init copy --alpha 0.25" in body
+    assert os.path.basename(dst) not in body  # the same plan gives the same card wherever it is written
     (recipe,) = yaml_blocks(body)  # the equivalent mergekit recipe, which compiles to the same tensors
     _, again, _ = compile_recipe(parse_recipe(recipe), opener=lambda ref: CheckpointLayout.open(src))
     assert [s.tensors for s in again.shards] == [s.tensors for s in result.plan.shards]

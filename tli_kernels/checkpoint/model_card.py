@@ -56,22 +56,26 @@ def command_line(plan: SurgeryPlan, src: str, dst: str) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def model_card(plan: SurgeryPlan, layout, name: str, version: str) -> str:
+def model_card(plan: SurgeryPlan, layout, version: str) -> str:
+    """The card's text. It does not name the output folder, so the same plan gives the same files wherever
+    they are written (and an interrupted run resumed elsewhere, or a copy, compares equal)."""
     import yaml
 
     from tli_kernels.methods.recipe import plan_to_recipe, recipe_yaml
 
     sources = _sources(plan)
     hub_ids = list(dict.fromkeys(s["hub_id"] for s in sources if s["hub_id"]))
-    tags = ["tli", "depth-upscaling"] + (["merge", "mergekit-recipe"] if plan.method == "recipe" else [plan.method])
+    extra = ["merge", "mergekit-recipe"] if plan.method == "recipe" else [plan.method]
+    tags = list(dict.fromkeys(["tli", "depth-upscaling", *extra]))
     front = {"base_model": hub_ids or None, "tags": tags, "library_name": "transformers"}
     meta = yaml.safe_dump({k: v for k, v in front.items() if v}, sort_keys=False)
     src_names = ", ".join(f"`{s['name']}`" for s in sources)
+    short = " + ".join(dict.fromkeys(os.path.basename(s["name"].rstrip("/")) for s in sources))
     lines = [
         "---",
         meta.rstrip(),
         "---",
-        f"# {name}",
+        f"# {short}, {'merged' if plan.method == 'recipe' else 'upscaled'} with tli ({plan.method})",
         "",
         f"Made with tli {version} by {_METHOD_TEXT.get(plan.method, plan.method)} from {src_names}: "
         f"{len(plan.layers)} decoder layers, {plan.num_parameters / 1e6:.1f}M parameters. It loads in stock "
@@ -84,7 +88,7 @@ def model_card(plan: SurgeryPlan, layout, name: str, version: str) -> str:
         lines += ["`tli upscale RECIPE.yml OUT` with this mergekit passthrough recipe:", ""]
         lines += ["```yaml", recipe_yaml(plan.options["recipe"]).rstrip(), "```", ""]
     else:
-        lines += ["```sh", command_line(plan, sources[0]["name"], name), "```", ""]
+        lines += ["```sh", command_line(plan, sources[0]["name"], "OUT"), "```", ""]
         try:
             recipe = plan_to_recipe(plan, layout)
         except ValueError:
@@ -131,7 +135,7 @@ def _layer_table(plan: SurgeryPlan, multi: bool) -> list[str]:
 
 def write_model_card(dst: str, plan: SurgeryPlan, layout, version: str) -> None:
     """Write DST/README.md (atomically)."""
-    text = model_card(plan, layout, os.path.basename(os.path.abspath(dst)), version)
+    text = model_card(plan, layout, version)
     path = os.path.join(dst, CARD_NAME)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -88,3 +88,17 @@ def test_card_of_a_plan_passthrough_cannot_express(src, tmp_path):
     front, body = card(dst)
     assert "moe-upcycle" in front["tags"] and "--experts 2 --top-k 1" in body
     assert yaml_blocks(body) == []
+
+
+def test_resume_clears_what_an_interrupted_finish_left(src, tmp_path):
+    """A run stopped inside finish() (README.md, config.json being written) leaves temporary files;
+    the run that finishes the folder removes them, so it holds exactly what an unbroken run writes."""
+    dst, ref = tmp_path / "dst", tmp_path / "ref"
+    upscale(src, str(ref), "tli", options=dict(k=2))
+    upscale(src, str(dst), "tli", options=dict(k=2), part="1/1")  # every shard, not finished
+    for name in ("README.md.tmp-999", "config.json.tmp-999", "generation_config.json.tmp"):
+        (dst / name).write_text("left by a killed run")
+    result = upscale(src, str(dst), "tli", options=dict(k=2), resume=True)
+    assert result.finished
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(ref))
+    assert all(open(dst / n, "rb").read() == open(ref / n, "rb").read() for n in os.listdir(ref))

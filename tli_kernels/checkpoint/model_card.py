@@ -138,8 +138,13 @@ def write_model_card(dst: str, plan: SurgeryPlan, layout, version: str) -> None:
     text = model_card(plan, layout, version)
     path = os.path.join(dst, CARD_NAME)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: leave no temporary file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

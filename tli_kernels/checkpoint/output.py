@@ -325,8 +325,9 @@ def finish(
             f"cannot finish {dst}: {len(missing)} shard(s) missing or incomplete (e.g. {missing[0]}); "
             "run the remaining --part jobs, or --resume"
         )
-    for leftover in glob.glob(os.path.join(dst, "*" + PARTIAL_SUFFIX)):
-        os.unlink(leftover)
+    for pattern in ("*" + PARTIAL_SUFFIX, "*.tmp", "*.tmp-*"):  # and what an interrupted finish() left
+        for leftover in glob.glob(os.path.join(dst, pattern)):
+            os.unlink(leftover)
     if len(plan.shards) > 1:
         write_json_atomic(os.path.join(dst, INDEX_NAME), plan.index_json())
     for name in plan.side_files:

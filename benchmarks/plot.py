@@ -34,8 +34,14 @@ def _gpu_models(data: dict) -> dict:
             if isinstance(entry, dict) and "skipped" not in entry
         }
     case = data["settings"]["case"]  # gpu_kernels.json: one case at the top level
-    return {case["model"]: {case["seq"]: {"layer": data.get("layer", {}),
-                                          "gemm_attention_reference": data.get("gemm_attention_reference", {})}}}
+    return {
+        case["model"]: {
+            case["seq"]: {
+                "layer": data.get("layer", {}),
+                "gemm_attention_reference": data.get("gemm_attention_reference", {}),
+            }
+        }
+    }
 
 
 def plot_gpu(data: dict, path: str) -> str:

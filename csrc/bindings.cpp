@@ -19,9 +19,10 @@ namespace {
 
 // (file index, absolute offset, dtype code)
 using SourceTuple = std::tuple<uint32_t, uint64_t, int>;
-// (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, sources)
-using TensorTuple =
-    std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, std::vector<SourceTuple>>;
+// (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, pre_round dtype code or -1,
+//  sources)
+using TensorTuple = std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, int,
+                               std::vector<SourceTuple>>;
 // (path, size, dev, ino, mtime_ns, ctime_ns): a source file and the identity its header was read with
 using FileTuple = std::tuple<std::string, uint64_t, uint64_t, uint64_t, int64_t, int64_t>;
 // (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors)
@@ -60,7 +61,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<FileTuple>& files, co
     s.file_size = file_size;
     s.sidecar_path = sidecar;
     s.sidecar_template = sidecar_template;
-    for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, sources] : tensors) {
+    for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, pre_round, sources] : tensors) {
       tli::TensorTask t;
       t.name = name;
       t.out_offset = offset;
@@ -71,6 +72,8 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<FileTuple>& files, co
       t.value = value;
       t.seed = seed;
       t.bound = bound;
+      t.has_pre_round = pre_round >= 0;
+      if (t.has_pre_round) t.pre_round = static_cast<tli::DType>(pre_round);
       for (const auto& [file, src_offset, src_dtype] : sources)
         t.sources.push_back({file, src_offset, static_cast<tli::DType>(src_dtype)});
       s.tensors.push_back(std::move(t));

@@ -836,6 +836,7 @@ void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, u
         pread_all(src_fds_[r.file], raw, n * isz, r.offset + first * isz, job_.files[r.file].path, t.name, "source");
         if (i == 0) {
           widen(raw, r.dtype, acc, n);
+          if (t.has_pre_round) round_through(acc, t.pre_round, n);  // scale ops only (validate_plan)
         } else {
           widen_add(raw, r.dtype, acc, n);
         }

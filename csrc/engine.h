@@ -45,6 +45,8 @@ struct TensorTask {
   double value = 0.0;   // fill; for scale / average: the offset o of (x + o) * factor - o
   uint64_t seed = 0;    // uniform
   double bound = 0.0;   // uniform
+  bool has_pre_round = false;  // scale: round each source value to pre_round first
+  DType pre_round = DType::BF16;
   std::vector<SourceRef> sources;
 };
 

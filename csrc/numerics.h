@@ -133,6 +133,15 @@ inline void narrow_in_place(float* x, DType d, uint64_t n) {
   }
 }
 
+// Round n f32 values to BF16/F16 (RNE) and back to f32, in place (a cast the arithmetic then sees).
+inline void round_through(float* x, DType d, uint64_t n) {
+  if (d == DType::BF16) {
+    for (uint64_t i = 0; i < n; ++i) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+  } else if (d == DType::F16) {
+    for (uint64_t i = 0; i < n; ++i) x[i] = f16_to_f32(f32_to_f16(x[i]));
+  }
+}
+
 // Element k of n BF16/F16/F32 values (unaligned bytes) is an infinity or a NaN.
 inline bool is_nonfinite_at(const unsigned char* p, DType d, uint64_t k) {
   if (d == DType::F32) {

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from tli_kernels import __version__
 from tli_kernels.checkpoint import checksum, executor_native, output
 from tli_kernels.checkpoint.executor_python import execute_python
+from tli_kernels.checkpoint.hub import source_folders
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.outdir import OutputDir
 from tli_kernels.checkpoint.plan import SurgeryPlan
-from tli_kernels.methods import CommonOptions, make_plan
+from tli_kernels.methods import CommonOptions, plan_source
 
 ENGINES = ("python", "native")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -98,7 +99,7 @@ def resolve_engine(engine: str | None) -> str:
 def upscale(
     src: str,
     dst: str,
-    method: str,
+    method: str | None,
     *,
     common: CommonOptions | None = None,
     options: dict | None = None,
@@ -127,10 +128,12 @@ def upscale(
         raise ValueError("--part cannot be combined with --overwrite: parts share DST (delete it first to start over)")
     if engine == "native":
         executor_native.memory_plan(max_memory, threads)  # reject a bad budget before anything is written
-    layout = CheckpointLayout.open(src)
-    plan = make_plan(layout, method, common, **(options or {}))
+    layout, plan = plan_source(src, method, common, options)  # a folder, a Hub id or a recipe file
     check_numbers(plan)
-    output.check_destination(src, dst, overwrite=overwrite, resume=resume, part=part_of is not None, layout=layout)
+    for folder in source_folders(layout):
+        output.check_destination(
+            folder, dst, overwrite=overwrite, resume=resume, part=part_of is not None, layout=layout
+        )
     todo = part_shards(len(plan.shards), part_of)
     continuing = (resume or part_of is not None) and output.has_marker(dst)
     verified: set[int] = set()
@@ -154,7 +157,7 @@ def upscale(
         out = output.begin(dst, plan, overwrite=overwrite, layout=layout)
     try:
         out.subdir(output.SHARDS_DIR).close()
-        bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), method) if progress else None
+        bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), plan.method) if progress else None
         try:
             _execute(engine, plan, layout, out, todo, max_memory, threads, bar.update if bar else None, verify)
         finally:

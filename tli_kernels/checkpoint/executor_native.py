@@ -165,6 +165,7 @@ def build_job(
                     float(op.offset if kind in ("scale", "average") else op.value),  # csrc: value = offset there
                     int(op.seed),
                     float(op.bound),
+                    _DTYPE_CODES[op.pre_round] if op.pre_round else -1,
                     [(file_index[s.file], s.offset, _dtype_code(s.dtype)) for s in srcs],
                 )
             )

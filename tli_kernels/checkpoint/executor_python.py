@@ -175,7 +175,7 @@ def _compute_f32(t: OutTensor, srcs: list[TensorEntry], start: int, k: int, sour
         return np.full(k, np.float32(op.value), dtype=np.float32)
     if op.kind == "uniform":
         return uniform_f32(op.seed, op.bound, start, k)
-    x = sources.read_f32(srcs[0], start, k)
+    x = _pre_rounded(sources.read_f32(srcs[0], start, k), op)
     if op.kind == "scale":
         return _scaled(x, op)
     if op.kind == "average":
@@ -185,6 +185,11 @@ def _compute_f32(t: OutTensor, srcs: list[TensorEntry], start: int, k: int, sour
         return _scaled(x, op) if op.factor != 1.0 else x
     assert op.kind == "copy", op.kind
     return x
+
+
+def _pre_rounded(x: np.ndarray, op) -> np.ndarray:
+    """Source values rounded to op.pre_round (RNE) and widened again, when the op asks for it."""
+    return bytes_to_f32(f32_to_bytes(x, op.pre_round), op.pre_round) if op.pre_round else x
 
 
 def _scaled(x: np.ndarray, op) -> np.ndarray:

@@ -156,6 +156,10 @@ def _open_single(path: str) -> dict[str, FileHeader]:
         raise CheckpointError(
             f"{len(candidates)} safetensors files but no {INDEX_NAME} to say which tensor is where", path
         )
+    from tli_kernels.checkpoint.torch_bin import bin_files, open_bin_checkpoint
+
+    if bin_files(path):  # zip-format torch.save files, read in place (torch_bin.py says why)
+        return open_bin_checkpoint(path)[0]
     pickles = [
         os.path.basename(p) for p in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
     ]

@@ -44,6 +44,7 @@ from tli_kernels.checkpoint.layout import (
     PROVENANCE_NAME,
     CheckpointLayout,
 )
+from tli_kernels.checkpoint.model_card import CARD_NAME, model_card
 from tli_kernels.checkpoint.outdir import OutputDir
 from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan
 from tli_kernels.checkpoint.validate import check_marker as check_marker_json
@@ -486,6 +487,7 @@ def _finish(out: OutputDir, plan: SurgeryPlan, layout: CheckpointLayout, version
     side_hashes = plan.source.get("side_files") or {}
     for name in plan.side_files:
         out.copy_in(name, os.path.join(layout.path, name), side_hashes.get(name))
+    out.write_atomic(CARD_NAME, model_card(plan, layout, version).encode())  # README.md, the Hub's front matter
     out.write_json_atomic(PROVENANCE_NAME, plan.provenance(version))
     out.write_json_atomic(CONFIG_NAME, plan.config)
     out.fsync()

@@ -11,6 +11,8 @@ Element-wise ops and their exact arithmetic (both executors MUST produce identic
            of w + o, as Gemma's (1 + w)): out = (f32(src) + f32(o)) * f32(factor) - f32(o)
 - average  s = f32(src[0]); s = s + f32(src[i]) for i = 1..n-1; s = s / f32(n);
            then s = s * f32(factor) if factor != 1 (with an offset: s = (s + o) * factor - o)
+           A scale with `pre_round` R (BF16/F16) first rounds the source value to R and widens it
+           again: mergekit's cast-then-scale, which rounds twice (recipes).
 - zeros    out = 0 (written as a hole where the file system allows)
 - fill     out = f32(value)
 - uniform  per element index i (0-based within the tensor), splitmix64 on the u64 counter
@@ -45,6 +47,7 @@ class TensorOp:
     seed: int = 0
     bound: float = 0.0
     offset: float = 0.0  # scale / average of a norm weight stored as (scale - offset)
+    pre_round: str = ""  # scale: round the source value to this dtype first ("" = no)
 
     def to_json(self) -> dict:
         out: dict = {"kind": self.kind}
@@ -54,6 +57,8 @@ class TensorOp:
             out["factor"] = self.factor
             if self.offset:
                 out["offset"] = self.offset
+            if self.pre_round:
+                out["pre_round"] = self.pre_round
         if self.kind == "fill":
             out["value"] = self.value
         if self.kind == "uniform":
@@ -199,7 +204,7 @@ class SurgeryPlan:
         themselves). Computed once: plans are not changed once built, and a run asks many times."""
         if "_digest" not in self.__dict__:
             head = self.to_json_head()
-            head["source"] = {k: v for k, v in self.source.items() if k != "path"}
+            head["source"] = _without_paths(self.source)
             h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
             for s in self.shards:
                 h.update(json.dumps(s.file).encode())
@@ -219,6 +224,14 @@ class SurgeryPlan:
             "layers": self.layers,
             "side_files": self.side_files,
         }
+
+
+def _without_paths(source: dict) -> dict:
+    """A source identity without the folders it was read from (several, for a multi-source recipe)."""
+    out = {k: v for k, v in source.items() if k != "path"}
+    if isinstance(out.get("sources"), list):
+        out["sources"] = [_without_paths(s) if isinstance(s, dict) else s for s in out["sources"]]
+    return out
 
 
 def _numel(shape) -> int:
@@ -262,6 +275,8 @@ def validate_plan(plan: SurgeryPlan, source_tensors: dict) -> None:
         op = t.op
         if op.kind not in OP_KINDS:
             raise ValueError(f"{where}: unknown op {op.kind!r}")
+        if op.pre_round and (op.kind != "scale" or op.pre_round not in ("BF16", "F16")):
+            raise ValueError(f"{where}: pre_round {op.pre_round!r} is for scale ops, to BF16 or F16")
         wanted = {"copy": 1, "scale": 1, "zeros": 0, "fill": 0, "uniform": 0}.get(op.kind)
         if (len(op.src) != wanted) if wanted is not None else not op.src:
             raise ValueError(f"{where}: op {op.kind} got {len(op.src)} sources")
@@ -283,9 +298,14 @@ def validate_plan(plan: SurgeryPlan, source_tensors: dict) -> None:
 
 def write_json_atomic(path: str, obj: object) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: leave no temporary file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -158,19 +158,38 @@ def _content_difference(recorded: dict, now: dict) -> tuple[str, str] | None:
     return None
 
 
+def per_source(layout, identity: dict) -> list[tuple[object, dict, dict]]:
+    """(folder layout, its recorded identity, its identity as `identity` holds it) per source folder:
+    one for a plain layout, one per model for a recipe's several sources (checkpoint/multi.py, whose
+    identity keeps each folder's record, in order, under "sources")."""
+    subs = identity.get("sources") if isinstance(identity, dict) else None
+    folders = getattr(layout, "sources", None)
+    if isinstance(subs, list) and folders is not None:
+        return [(s.layout, sub if isinstance(sub, dict) else {}) for s, sub in zip(folders, subs)]
+    return [(layout, identity)]
+
+
 def check_resumable(layout, identity: dict, marker: dict, dst: str) -> None:
     """Raise ValueError naming the file when the source changed since the unfinished output in dst
     was started (marker: the validated .tli-incomplete.json)."""
     recorded = marker.get("source")
     if isinstance(recorded, dict):
-        diff = _content_difference(recorded, identity)
-        if diff is not None:
-            name, what = diff
-            where = os.path.join(layout.path, name) if name else layout.path
+        now = {id(lay): ident for lay, ident in per_source(layout, identity)}
+        pairs = per_source(layout, recorded)
+        if len(pairs) != len(now):
             raise ValueError(
-                f"{where}: the source changed since {dst} was started ({what}); the shards already written "
-                "came from the old one: start again with --overwrite"
+                f"{layout.path}: {dst} was started from {len(pairs)} source folder(s), this run names {len(now)}: "
+                "start again with --overwrite"
             )
+        for lay, was in pairs:
+            diff = _content_difference(was, now[id(lay)])
+            if diff is not None:
+                name, what = diff
+                where = os.path.join(lay.path, name) if name else lay.path
+                raise ValueError(
+                    f"{where}: the source changed since {dst} was started ({what}); the shards already written "
+                    "came from the old one: start again with --overwrite"
+                )
     stats = marker.get("source_stat")
     if not isinstance(stats, dict):
         return
@@ -195,9 +214,10 @@ def check_resumable(layout, identity: dict, marker: dict, dst: str) -> None:
 
 def verify_unchanged(layout, identity: dict) -> None:
     """Compute the identity record again and raise CheckpointError naming the first file that changed."""
-    diff = _content_difference(identity, source_identity(layout))
-    if diff is not None:
-        name, what = diff
-        raise CheckpointError(
-            f"source changed during the run ({what}); the output is not finished", os.path.join(layout.path, name)
-        )
+    for lay, recorded in per_source(layout, identity):
+        diff = _content_difference(recorded, source_identity(lay))
+        if diff is not None:
+            name, what = diff
+            raise CheckpointError(
+                f"source changed during the run ({what}); the output is not finished", os.path.join(lay.path, name)
+            )

@@ -25,6 +25,7 @@ Transformer Layer Injection: grow a Hugging Face decoder LLM in depth, stream th
 checkpoint that stock transformers loads, and check it.
 
   tli upscale SRC DST --method tli --k 2       inject a layer after every 2 layers
+  tli upscale RECIPE.yml DST                   run a mergekit passthrough recipe (one or several models)
   tli plan SRC --method dus --m 8              show the layer map and sizes, write nothing
   tli inspect PATH                             architecture, layers, shards, dtypes, parameters
   tli verify SRC DST                           compare logits and held-out loss of two models
@@ -32,9 +33,36 @@ checkpoint that stock transformers loads, and check it.
 """
 
 
+SRC_HELP = "model folder (config.json + safetensors or .bin), Hub id org/name[@revision], or recipe file (.yml)"
+RECIPE_EPILOG = """\
+Two ways to say the same thing (layers 0-11 then 4-15 of one model):
+
+  flags     tli upscale meta-llama/Llama-3.2-1B out --method passthrough --layers 0-11,4-15
+  recipe    tli upscale recipe.yml out, where recipe.yml is what mergekit-yaml reads:
+
+              slices:
+                - sources:
+                    - model: meta-llama/Llama-3.2-1B
+                      layer_range: [0, 12]       # half-open: [first, last + 1)
+                - sources:
+                    - model: meta-llama/Llama-3.2-1B
+                      layer_range: [4, 16]
+                      parameters:                # optional: zeroed branch outputs (identity blocks)
+                        scale: [{filter: o_proj, value: 0}, {filter: down_proj, value: 0}]
+              merge_method: passthrough
+              dtype: bfloat16
+
+A recipe may take slices from several models of one architecture (checked before anything is
+written); SRC may also be a Hub id. `tli plan SRC --method ... --recipe` prints a flag-form plan
+as a recipe.
+"""
+
+
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, choices=list(METHOD_OPTIONS), help="upscaling method")
+    g.add_argument(
+        "--method", choices=list(METHOD_OPTIONS), help="upscaling method (required unless SRC is a recipe file)"
+    )
     g.add_argument("--k", type=int, help="tli / block-expansion: inject one layer after every K layers (default 2)")
     g.add_argument(
         "--init",
@@ -63,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tli {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("upscale", help="upscale SRC into a new checkpoint DST", description="Upscale SRC into DST.")
-    up.add_argument("src", metavar="SRC", help="source model folder (config.json + safetensors)")
+    up = sub.add_parser(
+        "upscale",
+        help="upscale SRC into a new checkpoint DST",
+        description="Upscale SRC into DST.",
+        epilog=RECIPE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument("src", metavar="SRC", help=SRC_HELP)
     up.add_argument("dst", metavar="DST", help="output folder (must not exist, unless --overwrite/--resume)")
     _add_method_options(up)
     e = up.add_argument_group("engine")
@@ -84,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pl = sub.add_parser("plan", help="show the layer map and output sizes; write nothing")
-    pl.add_argument("src", metavar="SRC")
+    pl.add_argument("src", metavar="SRC", help=SRC_HELP)
     _add_method_options(pl)
     pl.add_argument("--json", action="store_true", help="print the whole SurgeryPlan as JSON")
+    pl.add_argument(
+        "--recipe", action="store_true", help="print the equivalent mergekit passthrough recipe (YAML), if there is one"
+    )
 
     ins = sub.add_parser("inspect", help="describe a model folder")
     ins.add_argument("path", metavar="PATH")
@@ -131,8 +168,10 @@ def check_alpha_option(alpha: float | None) -> None:
 
 
 def _method_kwargs(args: argparse.Namespace) -> dict:
-    allowed = METHOD_OPTIONS[args.method]
     given = {o: getattr(args, o) for o in ALL_METHOD_OPTIONS if getattr(args, o) is not None}
+    if args.method is None:
+        return given  # a recipe: plan_source refuses method options, or asks for --method
+    allowed = METHOD_OPTIONS[args.method]
     stray = [o for o in given if o not in allowed]
     if stray:
         flag = "--" + stray[0].replace("_", "-")
@@ -172,10 +211,12 @@ def _gb(n: int) -> str:
 
 
 def _plan_summary(plan, layout) -> list[str]:
+    models = len(getattr(layout, "sources", None) or [layout])
+    options = json.dumps(plan.options) if plan.method != "recipe" else f"({len(plan.options['recipe'])} keys)"
     return [
-        f"method          {plan.method} {json.dumps(plan.options)}",
-        f"source          {layout.num_layers} layers, {layout.num_parameters / 1e6:.1f}M parameters, "
-        f"{_gb(layout.total_bytes)} in {len(layout.files)} file(s)",
+        f"method          {plan.method} {options}",
+        f"source          {f'{models} models, ' if models > 1 else ''}{layout.num_layers} layers, "
+        f"{layout.num_parameters / 1e6:.1f}M parameters, {_gb(layout.total_bytes)} in {len(layout.files)} file(s)",
         f"output          {len(plan.layers)} layers, {plan.num_parameters / 1e6:.1f}M parameters, "
         f"{_gb(plan.total_bytes)} in {len(plan.shards)} shard(s), model_type {plan.config.get('model_type')}",
         f"layer map       {_layer_map_text(plan)}",
@@ -183,14 +224,16 @@ def _plan_summary(plan, layout) -> list[str]:
 
 
 def cmd_plan(args) -> int:
-    from tli_kernels.checkpoint.layout import CheckpointLayout
-    from tli_kernels.methods import make_plan
+    from tli_kernels.methods import plan_source
     from tli_kernels.upscale import check_numbers
 
-    kwargs = _method_kwargs(args)
-    layout = CheckpointLayout.open(args.src)
-    plan = make_plan(layout, args.method, _common(args), **kwargs)
+    layout, plan = plan_source(args.src, args.method, _common(args), _method_kwargs(args))
     check_numbers(plan)
+    if args.recipe:
+        from tli_kernels.methods.recipe import plan_to_recipe, recipe_yaml
+
+        print(recipe_yaml(plan_to_recipe(plan, layout)), end="")
+        return 0
     if args.json:
         json.dump(plan.to_json(), sys.stdout, indent=1)
         print()
@@ -252,10 +295,10 @@ def cmd_upscale(args) -> int:
 def cmd_inspect(args) -> int:
     from tli_kernels.architectures import architecture_names
     from tli_kernels.checkpoint.errors import CheckpointError
-    from tli_kernels.checkpoint.layout import CheckpointLayout
+    from tli_kernels.checkpoint.hub import open_source
     from tli_kernels.checkpoint.validate import read_provenance
 
-    layout = CheckpointLayout.open(args.path)
+    layout = open_source(args.path, "PATH")  # a folder or a Hub id
     c = layout.config
     try:  # the layer count as the architecture reads it, and the surgery rule tli would use
         num_layers, rule = layout.num_layers, layout.architecture.name

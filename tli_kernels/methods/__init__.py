@@ -24,4 +24,23 @@ def make_plan(layout: CheckpointLayout, method: str, common: CommonOptions | Non
     return METHODS[method](layout, common or CommonOptions(), **options)
 
 
-__all__ = ["METHODS", "CommonOptions", "make_plan"]
+def plan_source(src: str, method: str | None, common: CommonOptions | None = None, options: dict | None = None):
+    """(layout, plan) for SRC as `tli upscale` and `tli plan` take it: a model folder, a Hub id
+    (org/name[@revision]) with --method, or a mergekit passthrough recipe file (.yml/.yaml) without."""
+    from tli_kernels.checkpoint.hub import open_source
+    from tli_kernels.methods.recipe import METHOD, is_recipe_path, plan_recipe_file
+
+    if is_recipe_path(src):
+        if method not in (None, METHOD):
+            raise ValueError(f"--method {method} does not apply to a recipe ({src} says what to do)")
+        if options:
+            flag = "--" + sorted(options)[0].replace("_", "-")
+            raise ValueError(f"{flag} does not apply to a recipe ({src} says what to do)")
+        return plan_recipe_file(src, common)
+    if method is None:
+        raise ValueError("--method is required (or give a mergekit passthrough recipe, RECIPE.yml, as SRC)")
+    layout = open_source(src)
+    return layout, make_plan(layout, method, common, **(options or {}))
+
+
+__all__ = ["METHODS", "CommonOptions", "make_plan", "plan_source"]

@@ -156,14 +156,18 @@ def build_plan(
     common: CommonOptions,
     config_update: dict | None = None,
     expand_layer=None,
+    carry=None,
 ) -> SurgeryPlan:
-    """Turn a layer map into a plan. `expand_layer(j, layer, common)` may replace the per-layer tensors."""
+    """Turn a layer map into a plan. `expand_layer(j, layer, common)` may replace the per-layer tensors,
+    `carry(t, common)` the output tensor made from a tensor outside the layers (a recipe's embeddings and
+    head may come from different models, scaled)."""
     layout.check_decoder()
     arch, prefix = layout.architecture, layout.layer_prefix
     std = init_std(layout) if any(layer.init == "random" for layer in layers) else None
     before, after = [], []
     for t in layout.non_layer_tensors():
-        (before if _is_embedding(t.name) else after).append(_carry(t, common))
+        out = (carry or _carry)(t, common)
+        (before if _is_embedding(out.name) else after).append(out)
 
     middle: list[OutTensor] = []
     for j, layer in enumerate(layers):

@@ -9,5 +9,13 @@ from tli_kernels.reference.rope import apply_rope, rotate_half
 from tli_kernels.reference.scaled_add import scaled_add
 from tli_kernels.reference.swiglu import swiglu
 
-__all__ = ["add_rms_norm", "apply_rope", "attention", "rms_norm", "rms_norm_backward", "rotate_half",
-           "scaled_add", "swiglu"]
+__all__ = [
+    "add_rms_norm",
+    "apply_rope",
+    "attention",
+    "rms_norm",
+    "rms_norm_backward",
+    "rotate_half",
+    "scaled_add",
+    "swiglu",
+]

@@ -133,3 +133,28 @@ def test_inspect_reports_the_rule_and_layer_count(tmp_path):
     layout = CheckpointLayout.open(src)
     assert (layout.layer_prefix, layout.num_layers, layout.architecture.name) == ("transformer.h", 6, "falcon")
     assert torch.isfinite(logits(load(src))).all()
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (dict(hidden_size=32), "hidden size in config.json is 32 but the embedding model.embed_tokens.weight is"),
+        (dict(vocab_size=100), "vocab_size in config.json is 100 but the embedding"),
+        (dict(tie_word_embeddings=False), "tie_word_embeddings is false but the weights hold no output head"),
+    ],
+)
+def test_config_must_describe_the_weights(tmp_path, edit, match):
+    """A config that disagrees with the weights would give an output transformers cannot load (or whose
+    head it fills at random): refused before anything is written."""
+    src = save_tiny_llama(str(tmp_path / "src"), tie=True)
+    _edit_config(src, **edit)
+    _refused(src, str(tmp_path / "out"), match)
+
+
+def test_a_transposed_embedding_is_refused(tmp_path):
+    src = save_tiny_llama(str(tmp_path / "src"), shard=None, tie=True)
+    path = os.path.join(src, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].t().contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    _refused(src, str(tmp_path / "out"), r"vocab_size in config.json is 128 but the embedding .* is \[64, 128\]")

@@ -3,8 +3,7 @@ case must keep the contract (one named line or a complete output, source untouch
 written outside DST, no complete-looking folder after a failure, both engines alike).
 
 The seeds are fixed so a failure reproduces: `fuzz_case(base, pristine, seed)` rebuilds the case.
-tools/fuzz_hostile.py runs the same machinery for thousands of seeds (and the config fields this
-file leaves to the layout code until issue 9 lands: LAYOUT_OWNED_CONFIG_KEYS).
+tools/fuzz_hostile.py runs the same machinery for thousands of seeds.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import shutil
 
 import pytest
 
-from tests.hostile.fuzzing import LAYOUT_OWNED_CONFIG_KEYS, fuzz_case, make_source, run_case
+from tests.hostile.fuzzing import fuzz_case, make_source, run_case
 
 ARGS = ["--method", "tli", "--k", "2", "--init", "average", "--alpha", "0.5", "--shard-size", "20KB"]
 CASES = {"sharded": (3, range(0, 240)), "single-file": (1, range(1000, 1060))}
@@ -32,7 +31,7 @@ def test_fuzzed_sources_keep_the_contract(tmp_path, pristine, kind):
     for seed in CASES[kind][1]:
         base = str(tmp_path / f"case{seed}")
         os.makedirs(base)
-        src, what = fuzz_case(base, pristine[kind], seed, skip_config=LAYOUT_OWNED_CONFIG_KEYS)
+        src, what = fuzz_case(base, pristine[kind], seed)
         command = ("upscale", "upscale", "plan", "inspect")[seed % 4]
         problems = run_case(base, src, ARGS if command != "inspect" else [], command)
         if problems:

@@ -112,7 +112,7 @@ def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, t
     target = TARGETS[target_type]
     _check_source(layout, target)
 
-    hidden = layout.config["hidden_size"]
+    hidden = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[1]  # the router is experts x hidden
     intermediate = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[0]
     bound = float(layout.config.get("initializer_range", 0.02)) * math.sqrt(3.0)
     prefix_of = layout.layer_prefix

@@ -24,6 +24,7 @@ from tli_kernels.methods.common import (
     build_plan,
     check_int_option,
     derive_seed,
+    init_std,
     out_dtype,
 )
 
@@ -114,7 +115,7 @@ def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, t
 
     hidden = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[1]  # the router is experts x hidden
     intermediate = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[0]
-    bound = float(layout.config.get("initializer_range", 0.02)) * math.sqrt(3.0)
+    bound = init_std(layout) * math.sqrt(3.0)  # the routers start at random
     prefix_of = layout.layer_prefix
 
     def expand(j: int, layer: OutLayer, common: CommonOptions) -> list[OutTensor]:

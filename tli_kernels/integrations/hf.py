@@ -174,7 +174,9 @@ class KernelReport:
     def brief(self) -> str:
         """One line: "patched", "patched; <kind> stock (<reason>)", or "stock (<reason>)"."""
         if self.note:
-            return f"stock ({_short(self.note)})"
+            return "stock (no kernels for this model type)" if self.note.startswith("no tli kernels") else (
+                f"stock ({_short(self.note)})"
+            )
         stock = []
         for kind in KINDS:
             total = 1 if kind == "final norm" else self.num_layers

@@ -56,9 +56,9 @@ def activation_of(module: nn.Module | None) -> str | None:
 
 
 def _probe(module: nn.Module) -> str | None:
-    g = torch.linspace(-12.0, 12.0, 997)
+    g = torch.linspace(-12.0, 12.0, 997, device="cpu")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             outs = [(g.to(dtype), module(g.to(dtype))) for dtype in (torch.float32, torch.bfloat16)]
     except Exception:  # noqa: BLE001 - an activation that cannot run on a CPU probe is not matched
         return None

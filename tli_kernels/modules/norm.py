@@ -95,9 +95,9 @@ def _probe(module: nn.Module, eps: float) -> NormNumerics | None:
     cls = type(module)
     width = 64
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, width, generator=g) * 3
+    x = torch.randn(6, width, generator=g, device="cpu") * 3
     x[0] *= 1e-3  # a row whose mean square is near eps: a wrong eps shows
-    w = torch.empty(width).uniform_(-0.5, 1.5, generator=g)
+    w = torch.empty(width, device="cpu").uniform_(-0.5, 1.5, generator=g)
     try:
         probe = cls.__new__(cls)
         nn.Module.__init__(probe)
@@ -106,7 +106,7 @@ def _probe(module: nn.Module, eps: float) -> NormNumerics | None:
         for x_dtype, w_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                  (torch.bfloat16, torch.float32)):  # fmt: skip
             probe.weight = nn.Parameter(w.to(w_dtype), requires_grad=False)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
                 cases.append((x.to(x_dtype), probe.weight, probe(x.to(x_dtype))))
     except Exception:  # noqa: BLE001 - a class whose forward cannot run on the probe is simply not matched
         return None

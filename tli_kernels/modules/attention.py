@@ -63,6 +63,9 @@ class TliAttention(nn.Module):
     _tli_qkv_split: tuple[int, int] | None = None  # (q width, kv width) of a fused qkv_proj
     _tli_eager = None  # the family's eager_attention_forward, set per instance by `patch_attention`
     _tli_extras: tuple[tuple[str, str], ...] = ()  # its ATTENTION_EXTRAS, set per instance
+    # SmolLM3's use_rope, read at patch time: a missing attribute would cost an AttributeError raised
+    # and caught inside nn.Module.__getattr__ on every call of a decode step.
+    _tli_use_rope = True
 
     def _tli_interface_kwargs(self) -> dict:
         out = {}
@@ -74,8 +77,7 @@ class TliAttention(nn.Module):
     def _tli_route(self, position_embeddings, attention_mask, kwargs: dict) -> str:
         if kwargs.get("output_attentions"):
             return "stock"
-        rope = getattr(self, "use_rope", True)
-        if rope and (position_embeddings is None or position_embeddings[0].shape[-1] != self.head_dim):
+        if self._tli_use_rope and (position_embeddings is None or position_embeddings[0].shape[-1] != self.head_dim):
             return "stock"  # partial rotary: not a block this module computes
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         if impl not in FAST_PATH_IMPLEMENTATIONS:
@@ -124,8 +126,13 @@ class TliAttention(nn.Module):
             )
 
         batch, q_len, _ = hidden_states.shape
-        q, k, v = self._tli_project(hidden_states)
-        if getattr(self, "use_rope", True):  # SmolLM3's NoPE layers skip it
+        if self._tli_qkv_split is None and self._tli_qk_norm is None:  # the common case, without a call
+            q = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim)  # [B, S, Hq, D]
+            k = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim)  # [B, S, Hk, D]
+            v = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim)
+        else:
+            q, k, v = self._tli_project(hidden_states)
+        if self._tli_use_rope:  # SmolLM3's NoPE layers skip it
             cos, sin = position_embeddings
             q, k = apply_rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D], the cache layout
@@ -227,6 +234,8 @@ def patch_attention(module: nn.Module, support: dict) -> None:
         module._tli_qkv_split = support["qkv_split"]
     module._tli_eager = support["eager"]
     module._tli_extras = support["extras"]
+    if not getattr(module, "use_rope", True):
+        module._tli_use_rope = False
 
 
 def unpatch_attention(module: nn.Module) -> None:
@@ -240,6 +249,7 @@ def unpatch_attention(module: nn.Module) -> None:
     module.__dict__.pop("_tli_qkv_split", None)
     module.__dict__.pop("_tli_eager", None)
     module.__dict__.pop("_tli_extras", None)
+    module.__dict__.pop("_tli_use_rope", None)
     _swap.swap_out(module)
 
 

@@ -43,7 +43,7 @@ from tli_kernels.architectures.fold import apply_fold, fold_tensor_names
 from tli_kernels.modules import _swap
 from tli_kernels.modules.attention import attention_support, patch_attention, unpatch_attention
 from tli_kernels.modules.mlp import mlp_support, patch_mlp, unpatch_mlp
-from tli_kernels.modules.norm import norm_args, norm_numerics, patch_rms_norm, unpatch_rms_norm
+from tli_kernels.modules.norm import norm_numerics, patch_rms_norm, unpatch_rms_norm
 from tli_kernels.ops import add_rms_norm, rms_norm, scaled_add
 
 logger = logging.getLogger(__name__)
@@ -71,13 +71,16 @@ def float32_value(alpha: float) -> float:
 
 
 def _norm(x: Tensor, norm: nn.Module) -> Tensor:
-    weight, eps, offset, cast = norm_args(norm)
-    return rms_norm(x, weight, eps, offset=offset, cast_before_weight=cast)
+    spec = norm._tli_norm  # the patched norm's numerics (see modules/norm.py)
+    return rms_norm(x, norm.weight, spec.eps, offset=spec.offset, cast_before_weight=spec.cast_before_weight)
 
 
 def _add_norm(residual: Tensor, branch: Tensor, norm: nn.Module, alpha, scale: float = 1.0):
-    weight, eps, offset, cast = norm_args(norm)
-    return add_rms_norm(residual, branch, weight, eps, alpha, scale=scale, offset=offset, cast_before_weight=cast)
+    spec = norm._tli_norm
+    return add_rms_norm(
+        residual, branch, norm.weight, spec.eps, alpha, scale=scale, offset=spec.offset,
+        cast_before_weight=spec.cast_before_weight,
+    )  # fmt: skip
 
 
 class _TliBlock(nn.Module):
@@ -87,6 +90,7 @@ class _TliBlock(nn.Module):
     mlp: nn.Module
     _tli_cache_kwarg: str  # set on the per-class subclass by `_swap.swap_in`
     _tli_takes_use_cache: bool
+    _tli_scale = 1.0  # Granite's residual_multiplier, read at patch time (see TliAttention._tli_use_rope)
 
     def _tli_attend(self, normed: Tensor, cache, attention_mask, position_ids, position_embeddings, kwargs: dict):
         # The attention gets what the stock block passes it: the same keywords, the cache under the
@@ -120,14 +124,34 @@ class TliDecoderLayer(_TliBlock):
         cache=None,
         **kwargs,
     ) -> Tensor:
+        # The most common block and a decode step's hot path: written out (no helper calls), see
+        # benchmarks/bench_dispatch.py.
         cache = cache if cache is not None else past_key_values
         alpha = getattr(self, ALPHA_NAME, 1.0)
-        scale = getattr(self, "residual_multiplier", 1.0)  # Granite: both branches times m
-        normed = _norm(hidden_states, self.input_layernorm)
-        attn = self._tli_attend(normed, cache, attention_mask, position_ids, position_embeddings, kwargs)
+        scale = self._tli_scale  # Granite: both branches times m
+        norm = self.input_layernorm
+        spec = norm._tli_norm
+        normed = rms_norm(
+            hidden_states, norm.weight, spec.eps, offset=spec.offset, cast_before_weight=spec.cast_before_weight
+        )
+        kwargs[self._tli_cache_kwarg] = cache
+        if self._tli_takes_use_cache:
+            kwargs.setdefault("use_cache", False)
+        attn, _ = self.self_attn(
+            hidden_states=normed,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         if self.training and hasattr(self, "resid_attn_dropout"):
             attn = self.resid_attn_dropout(attn)
-        residual, normed = _add_norm(hidden_states, attn, self.post_attention_layernorm, alpha, scale)
+        norm = self.post_attention_layernorm
+        spec = norm._tli_norm
+        residual, normed = add_rms_norm(
+            hidden_states, attn, norm.weight, spec.eps, alpha, scale=scale, offset=spec.offset,
+            cast_before_weight=spec.cast_before_weight,
+        )  # fmt: skip
         mlp = self.mlp(normed)
         if self.training and hasattr(self, "resid_mlp_dropout"):
             mlp = self.resid_mlp_dropout(mlp)
@@ -264,6 +288,9 @@ def patch_block(layer: nn.Module, support: dict, arch: Architecture, *, residual
     Returns the hook handles to remove on undo."""
     _swap.swap_in(layer, MIXINS[support["layout"]])
     layer._tli_arch = arch
+    multiplier = getattr(layer, "residual_multiplier", None)
+    if multiplier is not None and support["layout"] == "pre-norm":
+        layer._tli_scale = float(multiplier)
     for norm_name, numerics in support["norms"].items():
         patch_rms_norm(getattr(layer, norm_name), numerics)
     if learnable:
@@ -343,6 +370,7 @@ def unpatch_block(layer: nn.Module, hooks: list) -> None:
         del layer._parameters[ALPHA_NAME]
     layer.__dict__.pop(ALPHA_NAME, None)
     layer.__dict__.pop("_tli_arch", None)
+    layer.__dict__.pop("_tli_scale", None)
     for norm_name in {n for norms in LAYOUT_NORMS.values() for n in norms}:
         norm = getattr(layer, norm_name, None)
         if norm is not None:

@@ -333,7 +333,10 @@ def _forward_reference(
         x = new_residual
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = reference.apply_weight(xf * rstd, x.dtype, weight, offset, cast_before_weight)
+    if cast_before_weight and offset == 0.0:  # Llama's norm, the common case, without another call
+        y = weight * (xf * rstd).to(x.dtype)
+    else:
+        y = reference.apply_weight(xf * rstd, x.dtype, weight, offset, cast_before_weight)
     return y, rstd, new_residual
 
 

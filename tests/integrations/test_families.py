@@ -180,7 +180,7 @@ def test_families_without_kernels_stay_stock(model_type):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                            stock(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
     assert handle.undo() == {}
-    with pytest.raises(ValueError, match="residual scales need patched layers"):
+    with pytest.raises(ValueError, match="need patched layers"):
         apply_tli_kernels(model, residual_scales={1: 1.0}, learnable_alpha=True)
-    with pytest.raises(ValueError, match="residual scales need patched layers"):
+    with pytest.raises(ValueError, match="need patched layers"):
         apply_tli_kernels(model, residual_scales={1: 0.5})

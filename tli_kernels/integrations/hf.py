@@ -255,22 +255,7 @@ def apply_tli_kernels(
     model_type = getattr(config, "model_type", None)
     decoder = _decoder(model)
     name = type(model).__name__
-    if model_type not in KERNEL_FAMILIES or decoder is None:
-        num_layers = len(decoder.layers) if decoder is not None else int(getattr(config, "num_hidden_layers", 0) or 0)
-        report = KernelReport(name, str(model_type), num_layers)
-        report.note = (
-            f"no tli kernels for model type {model_type!r} (they cover {', '.join(SUPPORTED_MODEL_TYPES)})"
-            if model_type not in KERNEL_FAMILIES
-            else f"{name} has no `layers` ModuleList of decoder layers"
-        )
-        wanted = {i: a for i, a in (residual_scales or {}).items() if a != 1.0}
-        if learnable_alpha or wanted:
-            raise ValueError(f"apply_tli_kernels: residual scales need patched layers, but {report.note}")
-        logger.warning("%s", report)
-        return TliKernelsHandle(model=model, residual_scales={}, learnable_layers=[], report=report)
-    arch = BY_MODEL_TYPE[model_type]
-    layers = decoder.layers
-    num_layers = len(layers)
+    num_layers = len(decoder.layers) if decoder is not None else int(getattr(config, "num_hidden_layers", 0) or 0)
     if any(getattr(type(m), "_tli_original_class", None) is not None for m in model.modules()):
         raise RuntimeError(f"{name} is already patched by tli_kernels; call handle.undo() first")
 
@@ -286,8 +271,26 @@ def apply_tli_kernels(
         else:
             scales, origin = {}, "no provenance file: alpha = 1 on every layer"
     learnable = sorted(scales) if learnable_alpha else []
+
+    if model_type not in KERNEL_FAMILIES or decoder is None:
+        report = KernelReport(name, str(model_type), num_layers)
+        report.note = (
+            f"no tli kernels for model type {model_type!r} (they cover {', '.join(SUPPORTED_MODEL_TYPES)})"
+            if model_type not in KERNEL_FAMILIES
+            else f"{name} has no `layers` ModuleList of decoder layers"
+        )
+        wanted = {i: a for i, a in scales.items() if a != 1.0}
+        if learnable or wanted:  # running stock would drop them: never silently another function
+            raise ValueError(
+                f"apply_tli_kernels: residual scales {wanted or scales} ({origin}) need patched layers, but "
+                f"{report.note}"
+            )
+        logger.warning("%s", report)
+        return TliKernelsHandle(model=model, residual_scales={}, learnable_layers=[], report=report)
     if learnable_alpha and not learnable:
         logger.warning("learnable_alpha=True but no injected layers are known (%s): no alpha will learn", origin)
+    arch = BY_MODEL_TYPE[model_type]
+    layers = decoder.layers
 
     # Decide everything first, patch after: an error leaves the model untouched.
     report = KernelReport(name, model_type, num_layers)

@@ -50,12 +50,6 @@ class TliRMSNorm(nn.Module):
         )
 
 
-def norm_args(norm: nn.Module) -> tuple[Tensor, float, float, bool]:
-    """(weight, eps, offset, cast_before_weight) of a patched norm, for the fused ops."""
-    spec = norm._tli_norm
-    return norm.weight, spec.eps, spec.offset, spec.cast_before_weight
-
-
 def _eps_of(module: nn.Module) -> float | None:
     for name in EPS_ATTRIBUTES:
         value = getattr(module, name, None)

@@ -44,9 +44,9 @@ def configs(only: str | None = None) -> list[dict]:
             config = rms.launch_config(n)
             sig = {"X": e, "RESIDUAL": e if residual else "constexpr", "ALPHA": f if residual else "constexpr",
                    "W": e, "Y": e, "RESIDUAL_OUT": e if residual else "constexpr", "RSTD": f, "N": "i32",
-                   "eps": "fp32", "scale": "fp32"}  # fmt: skip
-            const = {"HAS_RESIDUAL": residual, "HAS_ALPHA": residual, "BLOCK_N": config["BLOCK_N"],
-                     "ONE_PASS": config["ONE_PASS"]}  # fmt: skip
+                   "eps": "fp32", "scale": "fp32", "w_offset": "fp32"}  # fmt: skip
+            const = {"HAS_RESIDUAL": residual, "HAS_ALPHA": residual, "CAST_BEFORE_WEIGHT": True,
+                     "BLOCK_N": config["BLOCK_N"], "ONE_PASS": config["ONE_PASS"]}  # fmt: skip
             if not residual:
                 const.update(RESIDUAL=None, ALPHA=None, RESIDUAL_OUT=None)
             out.append(dict(op="rms_norm", kernel=rms._rms_norm_fwd_kernel, case=f"fwd N={n} residual={residual}",
@@ -56,10 +56,10 @@ def configs(only: str | None = None) -> list[dict]:
                    "BRANCH": e if residual else "constexpr", "ALPHA": f if residual else "constexpr", "DX": e,
                    "DBRANCH": e if residual else "constexpr", "DW_PARTIAL": f,
                    "DALPHA_PARTIAL": f if residual else "constexpr", "M": "i32", "N": "i32",
-                   "rows_per_program": "i32", "scale": "fp32"}  # fmt: skip
+                   "rows_per_program": "i32", "scale": "fp32", "w_offset": "fp32"}  # fmt: skip
             const = {"HAS_DRESIDUAL_OUT": residual, "HAS_RESIDUAL": residual, "HAS_ALPHA": residual,
-                     "NEED_DALPHA": residual, "NEED_DW": True, "BLOCK_N": config["BLOCK_N"],
-                     "ONE_PASS": config["ONE_PASS"]}  # fmt: skip
+                     "NEED_DALPHA": residual, "NEED_DW": True, "CAST_BEFORE_WEIGHT": True,
+                     "BLOCK_N": config["BLOCK_N"], "ONE_PASS": config["ONE_PASS"]}  # fmt: skip
             if not residual:
                 const.update(DRESIDUAL_OUT=None, BRANCH=None, ALPHA=None, DBRANCH=None, DALPHA_PARTIAL=None)
             out.append(dict(op="rms_norm", kernel=rms._rms_norm_bwd_kernel, case=f"bwd N={n} residual={residual}",
@@ -74,12 +74,16 @@ def configs(only: str | None = None) -> list[dict]:
                         signature=sig, constexprs=const, num_warps=config["num_warps"]))  # fmt: skip
     config = swiglu.launch_config(14336)
     sig = {"G": e, "U": e, "Y": e, "stride_g": "i64", "stride_u": "i64", "n_cols": "i32"}
-    out.append(dict(op="swiglu", kernel=swiglu._swiglu_fwd_kernel, case="fwd", signature=sig,
-                    constexprs={"BLOCK": config["BLOCK"]}, num_warps=config["num_warps"]))  # fmt: skip
+    for act, act_id in swiglu.ACTIVATION_IDS.items():
+        out.append(dict(op="swiglu", kernel=swiglu._swiglu_fwd_kernel, case=f"fwd {act}", signature=sig,
+                        constexprs={"ACTIVATION": act_id, "BLOCK": config["BLOCK"]},
+                        num_warps=config["num_warps"]))  # fmt: skip
     sig = {"DY": e, "G": e, "U": e, "DG": e, "DU": e, "stride_g": "i64", "stride_u": "i64", "stride_dg": "i64",
            "stride_du": "i64", "n_cols": "i32"}  # fmt: skip
-    out.append(dict(op="swiglu", kernel=swiglu._swiglu_bwd_kernel, case="bwd", signature=sig,
-                    constexprs={"BLOCK": config["BLOCK"]}, num_warps=config["num_warps"]))  # fmt: skip
+    for act, act_id in swiglu.ACTIVATION_IDS.items():
+        out.append(dict(op="swiglu", kernel=swiglu._swiglu_bwd_kernel, case=f"bwd {act}", signature=sig,
+                        constexprs={"ACTIVATION": act_id, "BLOCK": config["BLOCK"]},
+                        num_warps=config["num_warps"]))  # fmt: skip
     sig = {"R": e, "B": e, "ALPHA": f, "OUT": e, "n": "i64", "scale": "fp32"}
     out.append(dict(op="scaled_add", kernel=scaled_add._scaled_add_fwd_kernel, case="fwd, learnable alpha",
                     signature=sig, constexprs={"HAS_ALPHA": True, "BLOCK": scaled_add.BLOCK},

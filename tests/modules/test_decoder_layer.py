@@ -166,15 +166,17 @@ def _recording_attention(calls: list):
 
     def attention_function(module, query, key, value, attention_mask, **kwargs):
         calls.append({k: v for k, v in kwargs.items() if not torch.is_tensor(v)})
+        kwargs.pop("softcap", None)  # recorded; transformers' SDPA function would refuse it
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     return attention_function
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen2_moe", "phi3", "gemma2"])
 def test_other_attention_implementations_get_transformers_attention_function(model_type):
     # Masks built for another implementation (here a registered one) go to transformers' function for
-    # it, called with the arguments the stock forward passes (Mistral/Qwen2: their sliding window).
+    # it, called with the arguments the stock forward passes: Mistral's and Phi-3's window from the
+    # config, Qwen2's per layer, Gemma 2's window and soft-cap; Qwen2-MoE none (it passes none).
     from transformers import AttentionInterface, AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -182,7 +184,7 @@ def test_other_attention_implementations_get_transformers_attention_function(mod
     AttentionInterface.register("tli_test_recording", _recording_attention(calls))
     config = AutoConfig.for_model(
         model_type, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=1, vocab_size=32, sliding_window=4,
+        num_hidden_layers=1, vocab_size=32, sliding_window=4, pad_token_id=0,
     )  # fmt: skip
     config._attn_implementation = "tli_test_recording"
     layer_class = type(MODEL_MAPPING[type(config)](config).layers[0])
@@ -194,25 +196,79 @@ def test_other_attention_implementations_get_transformers_attention_function(mod
         out = patched(x, **kwargs)
         out_ref = stock(x, **kwargs)
     assert len(calls) == 2 and calls[0] == calls[1], calls
+    assert ("softcap" in calls[0]) == (model_type == "gemma2")
     assert_close(out, out_ref, F32, "out")
 
 
-def test_rejects_a_block_it_does_not_compute():
-    from transformers import Qwen3Config
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+class _ShiftedRMSNorm(torch.nn.Module):
+    """Llama's attribute names, another function: what the numerics probe must catch."""
 
-    config = Qwen3Config(
-        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16
-    )
-    with pytest.raises(ValueError, match="q_norm"):
-        patch_decoder_layer(Qwen3DecoderLayer(config, 0))
+    def __init__(self, width):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+        self.variance_epsilon = 1e-5
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-3)).to(x.dtype)
 
 
-def test_compile_has_no_graph_breaks():
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("extra part", r"has parts \['extra'"),
+        ("layer norm", "parts besides its weight"),
+        ("other eps", "none of the RMSNorm variants"),
+        ("sinks", "sinks"),
+        ("cohere", "not a pre-norm, sandwich or post-norm block"),
+    ],
+)
+def test_rejects_a_block_it_does_not_compute(case, message):
+    config = _config()
+    layer = _layer(config)
+    if case == "extra part":
+        layer.extra = torch.nn.Linear(4, 4)
+    elif case == "layer norm":
+        layer.input_layernorm = torch.nn.LayerNorm(config.hidden_size)
+    elif case == "other eps":
+        layer.post_attention_layernorm = _ShiftedRMSNorm(config.hidden_size)
+    elif case == "sinks":
+        layer.self_attn.sinks = torch.nn.Parameter(torch.zeros(config.num_attention_heads))
+    else:
+        from transformers import CohereConfig
+        from transformers.models.cohere.modeling_cohere import CohereDecoderLayer
+
+        cohere = CohereConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+        layer = CohereDecoderLayer(cohere, 0)
+    classes = [type(m) for m in layer.modules()]
+    with pytest.raises(ValueError, match=message):
+        patch_decoder_layer(layer)
+    assert [type(m) for m in layer.modules()] == classes  # refused before anything changed
+
+
+def _gemma3_layer():
+    # The other block shape: sandwich norms with Gemma's (1 + w), per-head q/k norms, the tanh-GELU gate.
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
+
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, num_hidden_layers=1, vocab_size=32, rms_norm_eps=1e-5)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = Gemma3DecoderLayer(config, layer_idx=0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    return layer.to(DEVICE)
+
+
+@pytest.mark.parametrize("block", ["llama", "gemma3"])
+def test_compile_has_no_graph_breaks(block):
     # Under the interpreter the kernels run eagerly inside their custom ops; torch.compile sees opaque
     # nodes with fake implementations, so fullgraph tracing (forward and backward) must succeed.
     config = _config()
-    layer = _layer(config)
+    layer = _layer(config) if block == "llama" else _gemma3_layer()
     patch_decoder_layer(layer, residual_scale=0.5, learnable=True)
     x, kwargs = _inputs(config)
 

@@ -6,7 +6,7 @@ import torch
 from torch.library import opcheck
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tests.ops.tolerance import DEVICE, assert_close
+from tests.ops.tolerance import DEVICE, assert_close, rel_error
 from tli_kernels import reference
 from tli_kernels.ops import add_rms_norm, ops_backend, rms_norm
 from tli_kernels.ops.rms_norm import _rms_norm_bwd_kernel, _rms_norm_fwd_kernel
@@ -195,3 +195,100 @@ def _check_wide_rows(rows, n, residual, require_triton):
         assert_close(got, exp, torch.float32, "output")
     for (got, exp), name in zip(pairs, ["residual", "branch", "weight", "alpha"], strict=False):
         assert_close(got.grad, exp.grad, torch.float32, f"d {name}")
+
+
+# ----------------------------------------------------------- Gemma's (1 + w) and float32 numerics
+GEMMA, OLMO2 = (1.0, False), (0.0, False)  # (offset, cast_before_weight)
+
+
+def _hf_norm(kind: str, width: int):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(6)
+    hf = (GemmaRMSNorm(width, eps=EPS) if kind == "gemma" else Olmo2RMSNorm(width, eps=EPS)).to(DEVICE)
+    with torch.no_grad():
+        hf.weight.uniform_(-0.5, 0.5) if kind == "gemma" else hf.weight.uniform_(0.5, 1.5)
+    return hf, (GEMMA if kind == "gemma" else OLMO2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["gemma", "olmo2"])
+def test_rms_norm_matches_transformers_gemma_and_olmo2_norms(kind, dtype, require_triton):
+    # Gemma's norm is x_hat * (1 + w) and OLMo2's x_hat * w, both in float32 and rounded once; the
+    # weight stays the stored parameter (the kernel adds the offset as it loads it).
+    hf, (offset, cast) = _hf_norm(kind, 48)
+    hf = hf.to(dtype)
+    x = _leaf((4, 6, 48), dtype, 3.0)
+    require_triton(_rms_norm_fwd_kernel, x)
+    (x_ref,) = _clone(x)
+    w = hf.weight.detach().clone().requires_grad_(True)
+    dy = torch.randn(4, 6, 48, device=DEVICE).to(dtype)
+
+    y = rms_norm(x, w, EPS, offset=offset, cast_before_weight=cast)
+    y.backward(dy)
+    y_ref = hf(x_ref)
+    y_ref.backward(dy)
+
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, x_ref.grad, dtype, "dx")
+    assert_close(w.grad, hf.weight.grad, dtype, "dw")
+
+
+@pytest.mark.parametrize("kind", ["gemma", "olmo2"])
+def test_add_rms_norm_with_offset_and_scale_is_the_unfused_add_then_norm(kind, require_triton):
+    hf, (offset, cast) = _hf_norm(kind, 40)
+    r, b = _leaf((3, 5, 40), torch.float32), _leaf((3, 5, 40), torch.float32)
+    require_triton(_rms_norm_bwd_kernel, r)
+    w = hf.weight.detach().clone().requires_grad_(True)
+    a = torch.tensor([0.7], device=DEVICE, requires_grad=True)
+    r_ref, b_ref = _clone(r, b)
+    a_ref = a.detach().clone().requires_grad_(True)
+    d_res, dy = torch.randn(3, 5, 40, device=DEVICE), torch.randn(3, 5, 40, device=DEVICE)
+
+    new_r, y = add_rms_norm(r, b, w, EPS, a, scale=0.5, offset=offset, cast_before_weight=cast)
+    torch.autograd.backward([new_r, y], [d_res, dy])
+    new_r_ref = r_ref + (a_ref * 0.5) * b_ref  # Granite-style: alpha times a constant multiplier
+    y_ref = hf(new_r_ref)
+    torch.autograd.backward([new_r_ref, y_ref], [d_res, dy])
+
+    for got, want, what in [(new_r, new_r_ref, "r'"), (y, y_ref, "y"), (r.grad, r_ref.grad, "dr"),
+                            (b.grad, b_ref.grad, "db"), (w.grad, hf.weight.grad, "dw")]:  # fmt: skip
+        assert_close(got, want, torch.float32, what)
+    assert rel_error(a.grad, a_ref.grad) < 1e-4  # a sum over every element: its terms cancel
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_chunked_rows_with_offset_match_the_reference(monkeypatch, residual, require_triton):
+    import importlib
+
+    rms = importlib.import_module("tli_kernels.ops.rms_norm")
+    monkeypatch.setattr(rms, "ONE_PASS_MAX", 32)
+    monkeypatch.setattr(rms, "ONE_PASS_MAX_BACKWARD", 32)
+    monkeypatch.setattr(rms, "CHUNK", 16)
+    torch.manual_seed(7)
+    r, b, w = _leaf((10, 72), torch.float32), _leaf((10, 72), torch.float32), _leaf((72,), torch.float32, 0.3)
+    require_triton(_rms_norm_bwd_kernel, r)
+    r_ref, b_ref, w_ref = _clone(r, b, w)
+    dy = torch.randn(10, 72, device=DEVICE)
+    if residual:
+        (_, y), (_, y_ref) = (
+            add_rms_norm(r, b, w, EPS, 0.5, offset=1.0, cast_before_weight=False),
+            reference.add_rms_norm(r_ref, b_ref, w_ref, EPS, 0.5, offset=1.0, cast_before_weight=False),
+        )
+    else:
+        y = rms_norm(r, w, EPS, offset=1.0, cast_before_weight=False)
+        y_ref = reference.rms_norm(r_ref, w_ref, EPS, 1.0, False)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert_close(y, y_ref, torch.float32, "y")
+    for got, want, what in [(r, r_ref, "dr"), (w, w_ref, "dw")] + ([(b, b_ref, "db")] if residual else []):
+        assert_close(got.grad, want.grad, torch.float32, what)
+
+
+def test_opcheck_rms_norm_numerics():
+    x, w = _leaf((4, 24), torch.float32), _leaf((24,), torch.float32)
+    opcheck(torch.ops.tli.rms_norm.default, (x, w, EPS, 1.0, False))
+    r, b = _leaf((4, 24), torch.float32), _leaf((4, 24), torch.float32)
+    alpha = torch.tensor([0.5], device=DEVICE, requires_grad=True)
+    opcheck(torch.ops.tli.add_rms_norm.default, (r, b, w, alpha, 0.5, EPS, 1.0, False))

@@ -51,3 +51,21 @@ def test_opcheck_scaled_add(learnable):
     b = torch.randn(4, 24, device=DEVICE, requires_grad=True)
     alpha = torch.tensor([0.5], device=DEVICE, requires_grad=True) if learnable else None
     opcheck(torch.ops.tli.scaled_add.default, (r, b, alpha, 1.0 if learnable else 0.5))
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_scaled_add_with_a_constant_scale(learnable, require_triton):
+    # Granite's residual multiplier m on top of alpha: r + alpha * m * b, d alpha = m * sum(g * b).
+    torch.manual_seed(1)
+    r, b = torch.randn(2, 700, device=DEVICE), torch.randn(2, 700, device=DEVICE).requires_grad_(True)
+    require_triton(_scaled_add_fwd_kernel, r)
+    alpha = torch.tensor([ALPHA], device=DEVICE, requires_grad=True) if learnable else ALPHA
+    out = scaled_add(r, b, alpha, scale=0.25)
+    g = torch.randn_like(out)
+    out.backward(g)
+    alpha32 = torch.tensor(ALPHA, dtype=torch.float32).double().item()
+    assert_close(out, (r.double() + alpha32 * 0.25 * b.double()).float(), torch.float32, "out")
+    assert_close(b.grad, (alpha32 * 0.25 * g.double()).float(), torch.float32, "d branch")
+    if learnable:
+        want = (0.25 * g.double() * b.double()).sum().reshape(1).float()
+        assert_close(alpha.grad, want, torch.float32, "d alpha")

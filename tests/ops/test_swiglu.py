@@ -70,3 +70,53 @@ def test_opcheck_swiglu():
     up = torch.randn(6, 10, device=DEVICE, requires_grad=True)
     opcheck(torch.ops.tli.swiglu.default, (gate, up))
     opcheck(torch.ops.tli.swiglu_packed.default, (torch.randn(6, 20, device=DEVICE, requires_grad=True),))
+
+
+# ------------------------------------------------------------------- GeGLU (Gemma's tanh GELU)
+def _geglu_ref(gate, up):
+    return F.gelu(gate, approximate="tanh") * up  # what GemmaMLP computes with gelu_pytorch_tanh
+
+
+# sigmoid(v) of a large negative v: exp(-v) overflows to inf in numpy (the interpreter warns), 1/inf = 0.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_gelu_tanh_gate_matches_torch(dtype, packed, require_triton):
+    torch.manual_seed(2)
+    gate_up = (torch.randn(5, 2 * 1100, device=DEVICE) * 4).to(dtype).requires_grad_(True)  # two blocks, one masked
+    require_triton(_swiglu_bwd_kernel, gate_up)
+    ref = gate_up.detach().clone().requires_grad_(True)
+    dy = torch.randn(5, 1100, device=DEVICE).to(dtype)
+
+    if packed:
+        y = swiglu_packed(gate_up, activation="gelu_tanh")
+    else:
+        y = swiglu(gate_up[:, :1100], gate_up[:, 1100:], activation="gelu_tanh")
+    y.backward(dy)
+    y_ref = _geglu_ref(*ref.chunk(2, dim=-1))
+    y_ref.backward(dy)
+
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(gate_up.grad, ref.grad, dtype, "d gate_up")
+
+
+def test_gelu_tanh_reference_path_matches_torch():
+    from tli_kernels.ops import ops_backend
+
+    gate = (torch.randn(3, 40, device=DEVICE) * 4).requires_grad_(True)
+    up = torch.randn(3, 40, device=DEVICE).requires_grad_(True)
+    ref = [t.detach().clone().requires_grad_(True) for t in (gate, up)]
+    with ops_backend("reference"):
+        swiglu_packed(torch.cat([gate, up], -1), activation="gelu_tanh").sum().backward()
+    _geglu_ref(*ref).sum().backward()
+    assert_close(gate.grad, ref[0].grad, torch.float32, "d gate")
+    assert_close(up.grad, ref[1].grad, torch.float32, "d up")
+
+
+def test_opcheck_gelu_tanh_gate():
+    gate = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    up = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    opcheck(torch.ops.tli.swiglu.default, (gate, up, "gelu_tanh"))
+    opcheck(torch.ops.tli.swiglu_packed.default, (torch.randn(6, 20, device=DEVICE, requires_grad=True), "gelu_tanh"))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        swiglu(gate, up, activation="relu")

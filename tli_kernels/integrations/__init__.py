@@ -1,8 +1,10 @@
 """Integrations with model libraries: `hf` patches one loaded transformers model in place."""
 
 from tli_kernels.integrations.hf import (
+    KERNEL_FAMILIES,
     PROVENANCE_FILE,
     SUPPORTED_MODEL_TYPES,
+    KernelReport,
     TliKernelsHandle,
     apply_tli_kernels,
     fold_residual_scales,
@@ -11,8 +13,10 @@ from tli_kernels.integrations.hf import (
 )
 
 __all__ = [
+    "KERNEL_FAMILIES",
     "PROVENANCE_FILE",
     "SUPPORTED_MODEL_TYPES",
+    "KernelReport",
     "TliKernelsHandle",
     "apply_tli_kernels",
     "fold_residual_scales",

@@ -1,18 +1,28 @@
-"""apply_tli_kernels(model) -> handle: patch one loaded transformers Llama-family model in place.
+"""apply_tli_kernels(model) -> handle: patch one loaded transformers decoder model in place.
 
-Only that instance changes (each decoder layer, its attention and MLP, and the final norm get a tli
-mixin in front of their own class); transformers' classes are untouched, state-dict keys are the
-stock ones, and `handle.undo()` gives every module its class back.
+Families (`KERNEL_FAMILIES`): Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, Phi-3, Gemma, Gemma 2,
+Gemma 3 (text), OLMo2, and the attention, norms and residual adds of Mixtral, Qwen3-MoE and Qwen2-MoE
+(their MoE blocks stay stock). Only that instance changes: each module the kernels compute exactly (a
+decoder block's norms and residual adds, its attention, a gated MLP, the final norm) gets a tli mixin in
+front of its own class; transformers' classes are untouched, state-dict keys are the stock ones, and
+`handle.undo()` gives every module its class back. Whatever the kernels cannot compute exactly stays
+stock (another model type, a soft-capped attention on sdpa/eager, an MoE block, a norm or activation of
+another kind): `handle.report` says, per kind of module, what was patched and why the rest was not.
+The list is of families whose forward code was read and is tested against stock transformers
+(tests/integrations/test_families.py): module names alone cannot tell two forwards apart.
 
-Residual scales (alpha), per layer index:
+Residual scales (alpha), per layer index, defined on the block as in docs/architectures.md (for Gemma 2/3
+and OLMo2, alpha multiplies the post norm's output):
   * `residual_scales={i: a, ...}` given: those layers start at those values (learnable when
     `learnable_alpha=True`); every other layer has alpha = 1.
   * None: read `tli_provenance.json` from the model's folder (written by `tli upscale`). A saved
-    checkpoint has alpha folded into o_proj/down_proj (`alpha_folded: true`), so its injected layers
+    checkpoint has alpha folded into its weights (`alpha_folded: true`), so its injected layers
     start at 1.0 (a learnable scalar each when `learnable_alpha=True`); with `alpha_folded: false` they
     start at the provenance's `residual_scales`.
   * No provenance file: alpha = 1 everywhere, nothing learnable (a plain accelerated model).
-Fold alpha into the weights with `fold_residual_scales(model)` before `save_pretrained`.
+A layer whose block stays stock cannot carry alpha: asking for one there is a ValueError.
+Fold alpha into the weights with `fold_residual_scales(model)` (the architecture registry's rule, as
+`tli upscale` folds it) before `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -26,20 +36,41 @@ from pathlib import Path
 
 from torch import nn
 
-from tli_kernels.modules import _swap
+from tli_kernels.architectures import BY_MODEL_TYPE
+from tli_kernels.modules.attention import attention_support, patch_attention, unpatch_attention
 from tli_kernels.modules.decoder_layer import (
-    check_decoder_layer,
+    ALPHA_NAME,
     fold_residual_scale,
-    patch_decoder_layer,
+    layer_support,
+    patch_block,
     residual_scale_of,
-    unpatch_decoder_layer,
+    unpatch_block,
 )
-from tli_kernels.modules.norm import TliRMSNorm, check_rms_norm
+from tli_kernels.modules.mlp import mlp_support, patch_mlp, unpatch_mlp
+from tli_kernels.modules.norm import norm_numerics, patch_rms_norm, unpatch_rms_norm
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# model_type -> what is particular about it (for the report and docs/kernels.md).
+KERNEL_FAMILIES: dict[str, str] = {
+    "llama": "Llama 2/3.x, SmolLM/SmolLM2",
+    "mistral": "sliding window",
+    "qwen2": "q/k/v biases, sliding window",
+    "qwen3": "per-head q/k norms",
+    "smollm3": "NoPE layers (no RoPE on every few layers)",
+    "granite": "residual and attention multipliers (embedding multiplier and logit scaling stay in the stock model)",
+    "phi3": "fused qkv_proj and gate_up_proj, residual dropout",
+    "gemma": "(1 + w) norms in float32, GeGLU (tanh GELU)",
+    "gemma2": "sandwich norms; soft-capped attention stays stock on sdpa/eager",
+    "gemma3_text": "sandwich norms, per-head (1 + w) q/k norms, local/global RoPE",
+    "olmo2": "post norms only, q/k norms over the whole projection",
+    "mixtral": "attention and norms; the MoE block stays stock",
+    "qwen3_moe": "attention (q/k norms) and norms; MoE blocks stay stock, dense MLPs patched",
+    "qwen2_moe": "attention and norms; MoE blocks (shared expert included) stay stock",
+}
+SUPPORTED_MODEL_TYPES = tuple(KERNEL_FAMILIES)
 PROVENANCE_FILE = "tli_provenance.json"
+KINDS = ("block", "attention", "mlp", "final norm")
 
 
 # ------------------------------------------------------------------------------------ provenance
@@ -99,50 +130,109 @@ def _model_folder(model: nn.Module) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------- report
+@dataclass
+class KernelReport:
+    """What `apply_tli_kernels` patched, per kind of module: `kinds[kind]` maps "patched" or the reason a
+    module stayed stock to the layer indices (the final norm: [0]). `str(report)` is a short table,
+    `report.brief()` one line."""
+
+    model: str
+    model_type: str
+    num_layers: int
+    kinds: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    note: str = ""  # why nothing was patched, when nothing was
+
+    def add(self, kind: str, status: str, index: int) -> None:
+        self.kinds[kind].setdefault(status, []).append(index)
+
+    def patched(self, kind: str) -> list[int]:
+        return self.kinds[kind].get("patched", [])
+
+    def stock(self, kind: str) -> dict[str, list[int]]:
+        return {why: where for why, where in self.kinds[kind].items() if why != "patched"}
+
+    @property
+    def anything_patched(self) -> bool:
+        return any(self.patched(k) for k in KINDS)
+
+    def __str__(self) -> str:
+        lines = [f"tli kernels on {self.model} ({self.model_type}, {self.num_layers} layers):"]
+        if self.note:
+            lines.append(f"  everything stock: {self.note}")
+            return "\n".join(lines)
+        for kind in KINDS:
+            total = 1 if kind == "final norm" else self.num_layers
+            parts = []
+            if self.patched(kind):
+                parts.append(f"patched {len(self.patched(kind))}/{total}")
+            for why, where in self.stock(kind).items():
+                parts.append(f"stock {len(where)}/{total}: {why}")
+            lines.append(f"  {kind:<11} {'; '.join(parts) or 'absent'}")
+        return "\n".join(lines)
+
+    def brief(self) -> str:
+        """One line: "patched", "patched; <kind> stock (<reason>)", or "stock (<reason>)"."""
+        if self.note:
+            return "stock (no kernels for this model type)" if self.note.startswith("no tli kernels") else (
+                f"stock ({_short(self.note)})"
+            )
+        stock = []
+        for kind in KINDS:
+            total = 1 if kind == "final norm" else self.num_layers
+            for why, where in self.stock(kind).items():
+                share = "" if len(where) == total else f" {len(where)}/{total}"
+                stock.append(f"{kind}{share} stock ({_short(why)})")
+        if not self.anything_patched:
+            return "stock: " + "; ".join(stock)
+        return "; ".join(["patched", *stock])
+
+
+def _short(reason: str) -> str:
+    """The head of a reason, for a table cell: up to its first ':' or '('."""
+    head = reason.split(":")[0].split("(")[0].strip()
+    return head or reason
+
+
 # -------------------------------------------------------------------------------------- patching
-def _decoder(model: nn.Module) -> nn.Module:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"apply_tli_kernels supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-            f"({type(model).__name__})"
-        )
+def _decoder(model: nn.Module) -> nn.Module | None:
     for candidate in (getattr(model, "model", None), model):
         if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
             return candidate
-    raise ValueError(f"{type(model).__name__}: found no `layers` ModuleList of decoder layers")
+    return None
 
 
 @dataclass
 class TliKernelsHandle:
-    """What `apply_tli_kernels` changed, and how to take it back."""
+    """What `apply_tli_kernels` changed (`report`), and how to take it back (`undo`)."""
 
     model: nn.Module
     residual_scales: dict[int, float]
     learnable_layers: list[int]
-    _layer_hooks: dict[int, list] = field(default_factory=dict, repr=False)
-    _final_norm: nn.Module | None = field(default=None, repr=False)
+    report: KernelReport | None = None
+    _blocks: dict[int, list] = field(default_factory=dict, repr=False)  # layer index -> hook handles
+    _modules: list[tuple[nn.Module, object]] = field(default_factory=list, repr=False)  # (module, unpatch)
     active: bool = True
 
     def current_scales(self) -> dict[int, float]:
         """alpha of every layer whose alpha is learnable or not 1, as floats."""
-        layers = _decoder(self.model).layers
-        scales = {i: residual_scale_of(layers[i]) for i in self._layer_hooks}
+        layers = _decoder(self.model).layers if self._blocks else []
+        scales = {i: residual_scale_of(layers[i]) for i in self._blocks}
         return {i: a for i, a in scales.items() if a != 1.0 or i in self.learnable_layers}
 
     def undo(self, *, fold: bool = True) -> dict[int, float]:
         """Give every patched module its original class. With `fold` (default) any alpha != 1 is first
-        folded into o_proj/down_proj, so the model keeps computing the same function; without it alpha
-        is dropped. Returns the alphas folded."""
+        folded into the weights (the registry's rule), so the model keeps computing the same function;
+        without it alpha is dropped. Returns the alphas folded."""
         if not self.active:
             return {}
         folded = fold_residual_scales(self.model) if fold else {}
-        layers = _decoder(self.model).layers
-        for index, hooks in self._layer_hooks.items():
-            unpatch_decoder_layer(layers[index], hooks)
-        if self._final_norm is not None:
-            _swap.swap_out(self._final_norm)
+        for module, unpatch in reversed(self._modules):
+            unpatch(module)
+        if self._blocks:
+            layers = _decoder(self.model).layers
+            for index, hooks in self._blocks.items():
+                unpatch_block(layers[index], hooks)
         self.active = False
         logger.info("tli kernels removed from %s", type(self.model).__name__)
         return folded
@@ -155,17 +245,19 @@ def apply_tli_kernels(
     learnable_alpha: bool = False,
     fuse_gate_up: bool = False,
 ) -> TliKernelsHandle:
-    """Patch `model` (LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM or their base models) in
-    place with the tli kernels and residual scales; see the module docstring. `fuse_gate_up` runs each
-    MLP's gate and up projections as one packed projection feeding the packed SwiGLU kernel. Returns a
-    handle whose `undo()` restores the stock modules."""
+    """Patch `model` (a causal LM or base model of a family in `KERNEL_FAMILIES`) in place with the tli
+    kernels and residual scales; see the module docstring. Modules the kernels cannot compute exactly stay
+    stock and are listed in `handle.report` (a model type without kernels: everything stock, unless alpha
+    was asked for, which is a ValueError). `fuse_gate_up` runs each two-projection MLP's gate and up as
+    one packed projection feeding the packed kernel. Returns a handle whose `undo()` restores the stock
+    modules."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     decoder = _decoder(model)
-    layers = decoder.layers
-    num_layers = len(layers)
-    if any(_swap.is_patched(layer) for layer in layers):
-        raise RuntimeError(f"{type(model).__name__} is already patched by tli_kernels; call handle.undo() first")
-    for index, layer in enumerate(layers):
-        check_decoder_layer(layer, f"layers.{index}")
+    name = type(model).__name__
+    num_layers = len(decoder.layers) if decoder is not None else int(getattr(config, "num_hidden_layers", 0) or 0)
+    if any(getattr(type(m), "_tli_original_class", None) is not None for m in model.modules()):
+        raise RuntimeError(f"{name} is already patched by tli_kernels; call handle.undo() first")
 
     if residual_scales is not None:
         scales = _validated(dict(residual_scales), num_layers, "residual_scales")
@@ -179,39 +271,78 @@ def apply_tli_kernels(
         else:
             scales, origin = {}, "no provenance file: alpha = 1 on every layer"
     learnable = sorted(scales) if learnable_alpha else []
+
+    if model_type not in KERNEL_FAMILIES or decoder is None:
+        report = KernelReport(name, str(model_type), num_layers)
+        report.note = (
+            f"no tli kernels for model type {model_type!r} (they cover {', '.join(SUPPORTED_MODEL_TYPES)})"
+            if model_type not in KERNEL_FAMILIES
+            else f"{name} has no `layers` ModuleList of decoder layers"
+        )
+        wanted = {i: a for i, a in scales.items() if a != 1.0}
+        if learnable or wanted:  # running stock would drop them: never silently another function
+            raise ValueError(
+                f"apply_tli_kernels: residual scales {wanted or scales} ({origin}) need patched layers, but "
+                f"{report.note}"
+            )
+        logger.warning("%s", report)
+        return TliKernelsHandle(model=model, residual_scales={}, learnable_layers=[], report=report)
     if learnable_alpha and not learnable:
         logger.warning("learnable_alpha=True but no injected layers are known (%s): no alpha will learn", origin)
+    arch = BY_MODEL_TYPE[model_type]
+    layers = decoder.layers
 
-    handle = TliKernelsHandle(model=model, residual_scales=scales, learnable_layers=learnable)
+    # Decide everything first, patch after: an error leaves the model untouched.
+    report = KernelReport(name, model_type, num_layers)
+    plan = []
     for index, layer in enumerate(layers):
-        handle._layer_hooks[index] = patch_decoder_layer(
-            layer, residual_scale=scales.get(index, 1.0), learnable=index in learnable, fuse_gate_up=fuse_gate_up
-        )
+        block, why = layer_support(layer, arch)
+        report.add("block", "patched" if block else why, index)
+        if block is None and (scales.get(index, 1.0) != 1.0 or index in learnable):
+            raise ValueError(f"layer {index}: cannot carry a residual scale, its block stays stock ({why})")
+        attn, why_attn = attention_support(layer.self_attn) if hasattr(layer, "self_attn") else (None, "no self_attn")
+        report.add("attention", "patched" if attn else why_attn, index)
+        mlp, why_mlp = mlp_support(layer.mlp) if hasattr(layer, "mlp") else (None, "no mlp")
+        report.add("mlp", "patched" if mlp else why_mlp, index)
+        plan.append((layer, block, attn, mlp))
     norm = getattr(decoder, "norm", None)
-    if norm is not None:
-        check_rms_norm(norm, "norm")
-        _swap.swap_in(norm, TliRMSNorm)
-        handle._final_norm = norm
-    logger.info(
-        "tli kernels applied to %s: %d layers, residual scales %s (%s), learnable on %s",
-        type(model).__name__,
-        num_layers,
-        scales or "none",
-        origin,
-        learnable or "no layer",
-    )
+    norm_spec, why_norm = norm_numerics(norm) if norm is not None else (None, "no final norm")
+    report.add("final norm", "patched" if norm_spec else why_norm, 0)
+
+    handle = TliKernelsHandle(model=model, residual_scales=scales, learnable_layers=learnable, report=report)
+    for index, (layer, block, attn, mlp) in enumerate(plan):
+        if block is not None:
+            handle._blocks[index] = patch_block(
+                layer, block, arch, residual_scale=scales.get(index, 1.0), learnable=index in learnable
+            )
+        if attn is not None:
+            patch_attention(layer.self_attn, attn)
+            handle._modules.append((layer.self_attn, unpatch_attention))
+        if mlp is not None:
+            patch_mlp(layer.mlp, mlp, fuse_gate_up)
+            handle._modules.append((layer.mlp, unpatch_mlp))
+    if norm_spec is not None:
+        patch_rms_norm(norm, norm_spec)
+        handle._modules.append((norm, unpatch_rms_norm))
+    log = logger.info if all(set(report.kinds[k]) <= {"patched"} for k in KINDS) else logger.warning
+    log("%s\n  residual scales %s (%s), learnable on %s", report, scales or "none", origin, learnable or "no layer")
     return handle
 
 
 def fold_residual_scales(model: nn.Module) -> dict[int, float]:
-    """Fold every layer's alpha != 1 into its o_proj/down_proj (weights and biases) and reset alpha to
-    1, so `save_pretrained` writes a plain checkpoint computing the same function. Returns
-    {layer index: alpha folded}."""
+    """Fold every patched layer's alpha != 1 into its weights with the architecture registry's rule (the
+    branch outputs' weights and biases, or the post norm that follows a branch; the plan's float32
+    arithmetic) and reset alpha to 1, so `save_pretrained` writes a plain checkpoint computing the same
+    function. Returns {layer index: alpha folded}."""
+    decoder = _decoder(model)
+    arch = BY_MODEL_TYPE.get(getattr(getattr(model, "config", None), "model_type", None))
     folded = {}
-    for index, layer in enumerate(_decoder(model).layers):
-        alpha = fold_residual_scale(layer)
+    for index, layer in enumerate(decoder.layers if decoder is not None else []):
+        if not hasattr(layer, ALPHA_NAME):
+            continue
+        alpha = fold_residual_scale(layer, getattr(layer, "_tli_arch", None) or arch)
         if alpha != 1.0:
             folded[index] = alpha
     if folded:
-        logger.info("folded residual scales into o_proj/down_proj: %s", folded)
+        logger.info("folded residual scales into the weights: %s", folded)
     return folded

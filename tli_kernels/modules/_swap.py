@@ -34,6 +34,8 @@ def swap_in(module: nn.Module, mixin: type) -> type:
                 "_tli_original_class": original,
                 # Looked up once here rather than in forward, where torch.compile would trace inspect.
                 "_tli_cache_kwarg": cache_kwarg(original),
+                # Llama-style blocks pass use_cache=... to their attention, Gemma-style ones only what they got.
+                "_tli_takes_use_cache": "use_cache" in inspect.signature(original.forward).parameters,
             },
         )
     module.__class__ = _SUBCLASSES[key]

@@ -15,8 +15,11 @@ deterministic. alpha is either a Python float (a constant, passed to the kernel 
 element float32 tensor, a learnable scale whose gradient sum(dr' * branch) is accumulated as a float32
 scalar per program and summed the same way.
 
-Numerics follow `LlamaRMSNorm`: statistics in float32, x_hat rounded to the input dtype before the
-weight multiplies it, so on the reference path and in float32 the patched model matches the stock one.
+Numerics follow transformers: statistics in float32; with CAST_BEFORE_WEIGHT (`LlamaRMSNorm` and most
+families) x_hat is rounded to the input dtype before the weight multiplies it, without it (Gemma,
+OLMo2) x_hat * (w + offset) is computed in float32 and rounded once to the input dtype. `offset` is
+Gemma's parametrisation, a norm computing x_hat * (1 + w): added to w as it is loaded, so the weight
+(and its gradient) stays the stored parameter.
 Inputs are made contiguous before the op (the saved tensor is the one the forward read) and incoming
 gradients before the backward kernels.
 """
@@ -77,13 +80,17 @@ def _norm_input(X, RESIDUAL, RESIDUAL_OUT, offsets, mask, alpha, HAS_RESIDUAL: t
 
 
 @jit
-def _store_normed(X, Y, W, RESIDUAL_OUT, x, rstd, cols, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+def _store_normed(
+    X, Y, W, RESIDUAL_OUT, x, rstd, w_offset, cols, offsets, mask,
+    HAS_RESIDUAL: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+):  # fmt: skip
     x_hat = x * rstd
-    if HAS_RESIDUAL:
-        x_hat = x_hat.to(RESIDUAL_OUT.dtype.element_ty).to(tl.float32)
-    else:
-        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if CAST_BEFORE_WEIGHT:
+        if HAS_RESIDUAL:
+            x_hat = x_hat.to(RESIDUAL_OUT.dtype.element_ty).to(tl.float32)
+        else:
+            x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
     tl.store(Y + offsets, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -99,8 +106,10 @@ def _rms_norm_fwd_kernel(
     N,
     eps,
     scale,
+    w_offset,  # added to each weight as loaded: 1.0 for Gemma's (1 + w)
     HAS_RESIDUAL: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,  # Llama's rounding of x_hat to the input dtype (see the docstring)
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,  # the whole row in one block; else chunks of BLOCK_N, read twice
 ):
@@ -115,7 +124,9 @@ def _rms_norm_fwd_kernel(
         x = _norm_input(X, RESIDUAL, RESIDUAL_OUT, base + cols, mask, alpha, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
         tl.store(RSTD + row, rstd)
-        _store_normed(X, Y, W, RESIDUAL_OUT, x, rstd, cols, base + cols, mask, HAS_RESIDUAL)
+        _store_normed(
+            X, Y, W, RESIDUAL_OUT, x, rstd, w_offset, cols, base + cols, mask, HAS_RESIDUAL, CAST_BEFORE_WEIGHT
+        )
     else:
         squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
@@ -134,22 +145,31 @@ def _rms_norm_fwd_kernel(
                 x = tl.load(RESIDUAL_OUT + base + chunk, mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(X + base + chunk, mask=mask, other=0.0).to(tl.float32)
-            _store_normed(X, Y, W, RESIDUAL_OUT, x, rstd, chunk, base + chunk, mask, HAS_RESIDUAL)
+            _store_normed(
+                X, Y, W, RESIDUAL_OUT, x, rstd, w_offset, chunk, base + chunk, mask, HAS_RESIDUAL, CAST_BEFORE_WEIGHT
+            )
+
+
+def output_dtype(norm_in_dtype: torch.dtype, weight_dtype: torch.dtype, cast_before_weight: bool) -> torch.dtype:
+    """Llama's norm returns weight * x_hat.to(dtype) (the promotion); Gemma's and OLMo2's the input dtype."""
+    return torch.promote_types(norm_in_dtype, weight_dtype) if cast_before_weight else norm_in_dtype
 
 
 def _forward_triton(
-    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, alpha: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, alpha: Tensor | None, scale: float,
+    offset: float, cast_before_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     rows, n = x.shape
     norm_in_dtype = residual.dtype if residual is not None else x.dtype
-    y = torch.empty((rows, n), dtype=torch.promote_types(norm_in_dtype, weight.dtype), device=x.device)
+    y = torch.empty((rows, n), dtype=output_dtype(norm_in_dtype, weight.dtype, cast_before_weight), device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     residual_out = torch.empty_like(residual) if residual is not None else None
     if rows:
         with device_guard(x):
             _rms_norm_fwd_kernel[(rows,)](
-                x, residual, alpha, weight, y, residual_out, rstd, n, eps, scale,
-                HAS_RESIDUAL=residual is not None, HAS_ALPHA=alpha is not None, **launch_config(n),
+                x, residual, alpha, weight, y, residual_out, rstd, n, eps, scale, offset,
+                HAS_RESIDUAL=residual is not None, HAS_ALPHA=alpha is not None,
+                CAST_BEFORE_WEIGHT=cast_before_weight, **launch_config(n),
             )  # fmt: skip
     return y, rstd, residual_out
 
@@ -172,11 +192,13 @@ def _rms_norm_bwd_kernel(
     N,
     rows_per_program,
     scale,
+    w_offset,
     HAS_DRESIDUAL_OUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_ALPHA: tl.constexpr,
     NEED_DALPHA: tl.constexpr,
     NEED_DW: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
@@ -190,7 +212,7 @@ def _rms_norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     if ONE_PASS:
         mask = cols < N
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + w_offset
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for row in range(row_start, row_end):
             offsets = row * N + cols
@@ -201,7 +223,10 @@ def _rms_norm_bwd_kernel(
             w_dy = w * dy
             dx = (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / N)) * rstd
             if NEED_DW:
-                dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+                if CAST_BEFORE_WEIGHT:
+                    dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+                else:
+                    dw += dy * x_hat
             if HAS_DRESIDUAL_OUT:
                 dx += tl.load(DRESIDUAL_OUT + offsets, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
@@ -221,7 +246,7 @@ def _rms_norm_bwd_kernel(
                 mask = chunk < N
                 x = tl.load(X + base + chunk, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + base + chunk, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + chunk, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + chunk, mask=mask, other=0.0).to(tl.float32) + w_offset
                 dot += x * w * dy
             mean_term = tl.sum(dot, axis=0) * rstd / N
             for start in range(0, N, BLOCK_N):
@@ -229,13 +254,15 @@ def _rms_norm_bwd_kernel(
                 mask = chunk < N
                 x = tl.load(X + base + chunk, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + base + chunk, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + chunk, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + chunk, mask=mask, other=0.0).to(tl.float32) + w_offset
                 x_hat = x * rstd
                 dx = (w * dy - x_hat * mean_term) * rstd
                 if NEED_DW:  # this program's own partial row: same thread, same elements every row
                     partial = DW_PARTIAL + pid.to(tl.int64) * N + chunk
                     acc = tl.load(partial, mask=mask, other=0.0)
-                    tl.store(partial, acc + dy * x_hat.to(X.dtype.element_ty).to(tl.float32), mask=mask)
+                    if CAST_BEFORE_WEIGHT:
+                        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+                    tl.store(partial, acc + dy * x_hat, mask=mask)
                 if HAS_DRESIDUAL_OUT:
                     dx += tl.load(DRESIDUAL_OUT + base + chunk, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + base + chunk, dx.to(DX.dtype.element_ty), mask=mask)
@@ -259,6 +286,8 @@ def _backward_triton(
     scale: float,
     has_residual: bool,
     need_dw: bool,
+    offset: float,
+    cast_before_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rows, n = x.shape
     dx = torch.empty_like(x)
@@ -276,9 +305,10 @@ def _backward_triton(
         with device_guard(x):
             _rms_norm_bwd_kernel[(programs,)](
                 dy, d_residual_out, x, weight, rstd, branch, alpha, dx, d_branch, dw_partial, dalpha_partial,
-                rows, n, rows_per_program, scale,
+                rows, n, rows_per_program, scale, offset,
                 HAS_DRESIDUAL_OUT=d_residual_out is not None, HAS_RESIDUAL=has_residual,
-                HAS_ALPHA=alpha is not None, NEED_DALPHA=need_dalpha, NEED_DW=need_dw, **config,
+                HAS_ALPHA=alpha is not None, NEED_DALPHA=need_dalpha, NEED_DW=need_dw,
+                CAST_BEFORE_WEIGHT=cast_before_weight, **config,
             )  # fmt: skip
     if need_dw:
         dw = dw_partial.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)
@@ -293,8 +323,9 @@ def _backward_triton(
 
 # ------------------------------------------------------------- reference path (no Triton available)
 def _forward_reference(
-    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, alpha: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None, alpha: Tensor | None, scale: float,
+    offset: float = 0.0, cast_before_weight: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """(y, rstd [..., 1], new residual or None) for inputs of any shape."""
     new_residual = None
     if residual is not None:
@@ -302,7 +333,10 @@ def _forward_reference(
         x = new_residual
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * (xf * rstd).to(x.dtype)
+    if cast_before_weight and offset == 0.0:  # Llama's norm, the common case, without another call
+        y = weight * (xf * rstd).to(x.dtype)
+    else:
+        y = reference.apply_weight(xf * rstd, x.dtype, weight, offset, cast_before_weight)
     return y, rstd, new_residual
 
 
@@ -322,9 +356,11 @@ def _backward_reference(
     scale: float,
     has_residual: bool,
     need_dw: bool,
+    offset: float,
+    cast_before_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # r' = r + a*b is linear: the add's grads follow from dr' = d(norm input) + d(residual out).
-    dx, dw = reference.rms_norm_backward(dy, x, weight, eps)
+    dx, dw = reference.rms_norm_backward(dy, x, weight, eps, offset, cast_before_weight)
     if d_residual_out is not None:
         dx = dx + d_residual_out.float()
     d_branch = (_alpha_value(alpha, scale) * dx).to(x.dtype) if has_residual else x.new_empty(0)
@@ -339,12 +375,12 @@ def _backward_reference(
 # ------------------------------------------------------- implementations (Triton or the reference)
 def _forward(
     x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, alpha: Tensor | None = None,
-    scale: float = 1.0,
+    scale: float = 1.0, offset: float = 0.0, cast_before_weight: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """(y, rstd, new residual or None) for contiguous 2-D inputs."""
     if use_triton(_rms_norm_fwd_kernel, x):
-        return _forward_triton(x, weight.contiguous(), eps, residual, alpha, scale)
-    y, rstd, new_residual = _forward_reference(x, weight, eps, residual, alpha, scale)
+        return _forward_triton(x, weight.contiguous(), eps, residual, alpha, scale, offset, cast_before_weight)
+    y, rstd, new_residual = _forward_reference(x, weight, eps, residual, alpha, scale, offset, cast_before_weight)
     return y, rstd.view(-1), new_residual
 
 
@@ -360,41 +396,51 @@ def _backward(
     eps: float,
     has_residual: bool,
     need_dw: bool,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Every row the kernel reads at stride N: the saved input is contiguous already (the public functions
     # make it so), incoming gradients may not be (a sliced or expanded dy).
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     d_residual_out = d_residual_out.contiguous() if d_residual_out is not None else None
     branch = branch.contiguous() if branch is not None else None
+    args = (branch, alpha, scale, has_residual, need_dw, offset, cast_before_weight)
     if use_triton(_rms_norm_bwd_kernel, x):
-        return _backward_triton(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, has_residual, need_dw)
-    return _backward_reference(dy, d_residual_out, x, weight, eps, branch, alpha, scale, has_residual, need_dw)
+        return _backward_triton(dy, d_residual_out, x, weight, rstd, *args)
+    return _backward_reference(dy, d_residual_out, x, weight, eps, *args)
 
 
 # --------------------------------------------------------- custom ops (what torch.compile sees)
+# `offset` and `cast_before_weight` select the family's numerics (see the module docstring); their
+# defaults are Llama's, so the ops' schemas read as before for every family that uses those.
 @torch.library.custom_op("tli::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    y, rstd, _ = _forward(x.contiguous(), weight, eps)
+def _rms_norm_op(
+    x: Tensor, weight: Tensor, eps: float, offset: float = 0.0, cast_before_weight: bool = True
+) -> tuple[Tensor, Tensor]:
+    y, rstd, _ = _forward(x.contiguous(), weight, eps, offset=offset, cast_before_weight=cast_before_weight)
     return y, rstd
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, eps):
-    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+def _(x, weight, eps, offset=0.0, cast_before_weight=True):
+    out_dtype = output_dtype(x.dtype, weight.dtype, cast_before_weight)
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("tli::add_rms_norm", mutates_args=())
 def _add_rms_norm_op(
-    residual: Tensor, branch: Tensor, weight: Tensor, alpha: Tensor | None, scale: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    y, rstd, new_residual = _forward(branch.contiguous(), weight, eps, residual.contiguous(), alpha, scale)
+    residual: Tensor, branch: Tensor, weight: Tensor, alpha: Tensor | None, scale: float, eps: float,
+    offset: float = 0.0, cast_before_weight: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    y, rstd, new_residual = _forward(
+        branch.contiguous(), weight, eps, residual.contiguous(), alpha, scale, offset, cast_before_weight
+    )
     return new_residual, y, rstd
 
 
 @_add_rms_norm_op.register_fake
-def _(residual, branch, weight, alpha, scale, eps):
-    out_dtype = torch.promote_types(residual.dtype, weight.dtype)
+def _(residual, branch, weight, alpha, scale, eps, offset=0.0, cast_before_weight=True):
+    out_dtype = output_dtype(residual.dtype, weight.dtype, cast_before_weight)
     rows = residual.shape[0]
     return (
         torch.empty_like(residual, memory_format=torch.contiguous_format),
@@ -416,12 +462,18 @@ def _rms_norm_backward_op(
     eps: float,
     has_residual: bool,
     need_dw: bool,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residual, need_dw)
+    return _backward(
+        dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residual, need_dw, offset,
+        cast_before_weight,
+    )  # fmt: skip
 
 
 @_rms_norm_backward_op.register_fake
-def _(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residual, need_dw):
+def _(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residual, need_dw, offset=0.0,
+      cast_before_weight=True):  # fmt: skip
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(x, memory_format=torch.contiguous_format) if has_residual else x.new_empty(0),
@@ -431,42 +483,48 @@ def _(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residu
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, eps = inputs
+    x, weight, eps, offset, cast_before_weight = inputs
     _, rstd = output
     ctx.save_for_backward(x, weight, rstd)
-    ctx.eps = eps
+    ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
 
 
 def _rms_norm_backward(ctx, dy, _d_rstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
-    dx, _, dw, _ = _rms_norm_backward_op(dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw)
-    return dx, (dw if need_dw else None), None
+    dx, _, dw, _ = _rms_norm_backward_op(
+        dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw, ctx.offset, ctx.cast_before_weight
+    )
+    return dx, (dw if need_dw else None), None, None, None
 
 
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
-    residual, branch, weight, alpha, scale, eps = inputs
+    residual, branch, weight, alpha, scale, eps, offset, cast_before_weight = inputs
     new_residual, _, rstd = output
     need_dalpha = alpha is not None and ctx.needs_input_grad[3]
     # The branch is kept alive only when alpha learns: d alpha = sum(dr' * branch).
     ctx.save_for_backward(new_residual, weight, rstd, branch if need_dalpha else None, alpha)
     ctx.scale, ctx.eps, ctx.branch_dtype = scale, eps, branch.dtype
+    ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
 
 
 def _add_rms_norm_backward(ctx, d_new_residual, dy, _d_rstd):
     new_residual, weight, rstd, branch, alpha = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
     d_residual, d_branch, dw, d_alpha = _rms_norm_backward_op(
-        dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw
-    )
+        dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw,
+        ctx.offset, ctx.cast_before_weight,
+    )  # fmt: skip
     return (
         d_residual,
         d_branch.to(ctx.branch_dtype),
         dw if need_dw else None,
         d_alpha.to(alpha.dtype) if branch is not None else None,
+        None,
+        None,
         None,
         None,
     )
@@ -478,27 +536,30 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rm
 # --------------------------------------------------------------- eager autograd (no dispatcher)
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        y, rstd, _ = _forward(x, weight, eps)
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, offset: float, cast_before_weight: bool) -> Tensor:
+        y, rstd, _ = _forward(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.eps = eps
+        ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[1]
-        dx, _, dw, _ = _backward(dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw)
-        return dx, (dw if need_dw else None), None
+        dx, _, dw, _ = _backward(
+            dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw, ctx.offset, ctx.cast_before_weight
+        )
+        return dx, (dw if need_dw else None), None, None, None
 
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual, branch, weight, alpha, scale, eps):
-        y, rstd, new_residual = _forward(branch, weight, eps, residual, alpha, scale)
+    def forward(ctx, residual, branch, weight, alpha, scale, eps, offset, cast_before_weight):
+        y, rstd, new_residual = _forward(branch, weight, eps, residual, alpha, scale, offset, cast_before_weight)
         need_dalpha = alpha is not None and ctx.needs_input_grad[3]
         ctx.save_for_backward(new_residual, weight, rstd, branch if need_dalpha else None, alpha)
         ctx.scale, ctx.eps, ctx.branch_dtype = scale, eps, branch.dtype
+        ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
         return new_residual, y
 
     @staticmethod
@@ -506,13 +567,16 @@ class _AddRMSNorm(torch.autograd.Function):
         new_residual, weight, rstd, branch, alpha = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[2]
         d_residual, d_branch, dw, d_alpha = _backward(
-            dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw
-        )
+            dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw,
+            ctx.offset, ctx.cast_before_weight,
+        )  # fmt: skip
         return (
             d_residual,
             d_branch.to(ctx.branch_dtype),
             dw if need_dw else None,
             d_alpha.to(alpha.dtype) if branch is not None else None,
+            None,
+            None,
             None,
             None,
         )
@@ -532,31 +596,46 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """weight * x / rms(x) over the last dimension (Hugging Face Llama numerics). Differentiable."""
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float = 1e-6, *, offset: float = 0.0, cast_before_weight: bool = True
+) -> Tensor:
+    """(weight + offset) * x / rms(x) over the last dimension. Differentiable.
+
+    Defaults: Hugging Face Llama numerics (x / rms(x) rounded to x's dtype before the weight). Gemma's
+    norm is `offset=1.0, cast_before_weight=False` (x_hat * (1 + w) in float32, rounded once), OLMo2's
+    `cast_before_weight=False`."""
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         _check_weight("rms_norm", x, weight)
-    eps = float(eps)
+    eps, offset = float(eps), float(offset)
     how = route(_rms_norm_fwd_kernel, x, weight)
     if how == REFERENCE:  # the reference takes any shape: no reshaping
-        return _forward_reference(x, weight, eps, None, None, 1.0)[0]
+        return _forward_reference(x, weight, eps, None, None, 1.0, offset, cast_before_weight)[0]
     rows = _rows(x)
     if how == CUSTOM_OP:
-        y, _ = _rms_norm_op(rows, weight, eps)
+        y, _ = _rms_norm_op(rows, weight, eps, offset, cast_before_weight)
     elif how == AUTOGRAD:
-        y = _RMSNorm.apply(rows, weight, eps)
+        y = _RMSNorm.apply(rows, weight, eps, offset, cast_before_weight)
     else:
-        y, _, _ = _forward_triton(rows, weight.contiguous(), eps, None, None, 1.0)
+        y, _, _ = _forward_triton(rows, weight.contiguous(), eps, None, None, 1.0, offset, cast_before_weight)
     return y.view(x.shape)
 
 
 def add_rms_norm(
-    residual: Tensor, branch: Tensor, weight: Tensor, eps: float = 1e-6, alpha: float | Tensor = 1.0
+    residual: Tensor,
+    branch: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    alpha: float | Tensor = 1.0,
+    *,
+    scale: float = 1.0,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """r' = residual + alpha * branch and rms_norm(r') in one pass; returns (r', rms_norm(r')).
+    """r' = residual + alpha * scale * branch and rms_norm(r') in one pass; returns (r', rms_norm(r')).
 
     `alpha` is a float (a constant, applied in float32) or a one-element float32 tensor (e.g. a
-    learnable scale, which then receives its gradient)."""
+    learnable scale, which then receives its gradient); `scale` a constant factor on top (Granite's
+    residual multiplier). `offset` and `cast_before_weight` as in `rms_norm`."""
     if weight.dim() != 1 or residual.shape[-1] != weight.shape[0]:
         _check_weight("add_rms_norm", residual, weight)
     if residual.shape != branch.shape:
@@ -566,19 +645,23 @@ def add_rms_norm(
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1:
             raise ValueError(f"add_rms_norm: alpha must have one element, got shape {tuple(alpha.shape)}")
-        alpha_tensor, scale = alpha.reshape(1), 1.0
+        alpha_tensor, scale = alpha.reshape(1), float(scale)
     else:
-        alpha_tensor, scale = None, float(alpha)
-    eps = float(eps)
+        alpha_tensor, scale = None, float(alpha) * float(scale)
+    eps, offset = float(eps), float(offset)
     how = route(_rms_norm_fwd_kernel, residual, branch, weight, alpha_tensor)
     if how == REFERENCE:
-        y, _, new_residual = _forward_reference(branch, weight, eps, residual, alpha_tensor, scale)
+        y, _, new_residual = _forward_reference(
+            branch, weight, eps, residual, alpha_tensor, scale, offset, cast_before_weight
+        )
         return new_residual, y
     r, b = _rows(residual), _rows(branch)
     if how == CUSTOM_OP:
-        new_residual, y, _ = _add_rms_norm_op(r, b, weight, alpha_tensor, scale, eps)
+        new_residual, y, _ = _add_rms_norm_op(r, b, weight, alpha_tensor, scale, eps, offset, cast_before_weight)
     elif how == AUTOGRAD:
-        new_residual, y = _AddRMSNorm.apply(r, b, weight, alpha_tensor, scale, eps)
+        new_residual, y = _AddRMSNorm.apply(r, b, weight, alpha_tensor, scale, eps, offset, cast_before_weight)
     else:
-        y, _, new_residual = _forward_triton(b, weight.contiguous(), eps, r, alpha_tensor, scale)
+        y, _, new_residual = _forward_triton(
+            b, weight.contiguous(), eps, r, alpha_tensor, scale, offset, cast_before_weight
+        )
     return new_residual.view(residual.shape), y.view(residual.shape)

@@ -157,10 +157,10 @@ class _ScaledAdd(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------ public API
-def scaled_add(residual: Tensor, branch: Tensor, alpha: float | Tensor) -> Tensor:
-    """residual + alpha * branch in float32, rounded once to residual's dtype. `alpha`: a float (applied
-    as float32) or a one-element float32 tensor (e.g. a learnable scale, which receives its gradient).
-    Differentiable."""
+def scaled_add(residual: Tensor, branch: Tensor, alpha: float | Tensor, *, scale: float = 1.0) -> Tensor:
+    """residual + alpha * scale * branch in float32, rounded once to residual's dtype. `alpha`: a float
+    (applied as float32) or a one-element float32 tensor (e.g. a learnable scale, which receives its
+    gradient); `scale` a constant factor on top (Granite's residual multiplier). Differentiable."""
     if residual.shape != branch.shape or residual.dtype != branch.dtype:
         raise ValueError(
             f"scaled_add: residual {tuple(residual.shape)} {residual.dtype} and branch {tuple(branch.shape)} "
@@ -169,9 +169,9 @@ def scaled_add(residual: Tensor, branch: Tensor, alpha: float | Tensor) -> Tenso
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1:
             raise ValueError(f"scaled_add: alpha must have one element, got shape {tuple(alpha.shape)}")
-        alpha_tensor, scale = alpha.reshape(1), 1.0
+        alpha_tensor, scale = alpha.reshape(1), float(scale)
     else:
-        alpha_tensor, scale = None, float(alpha)
+        alpha_tensor, scale = None, float(alpha) * float(scale)
     r, b = residual.contiguous(), branch.contiguous()
     how = route(_scaled_add_fwd_kernel, r, b, alpha_tensor)
     if how == CUSTOM_OP:

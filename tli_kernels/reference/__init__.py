@@ -4,14 +4,17 @@ rounded to the input dtype and when), so a patched model on this path computes w
 """
 
 from tli_kernels.reference.attention import attention
-from tli_kernels.reference.rms_norm import add_rms_norm, rms_norm, rms_norm_backward
+from tli_kernels.reference.rms_norm import add_rms_norm, apply_weight, rms_norm, rms_norm_backward
 from tli_kernels.reference.rope import apply_rope, rotate_half
 from tli_kernels.reference.scaled_add import scaled_add
-from tli_kernels.reference.swiglu import swiglu
+from tli_kernels.reference.swiglu import ACTIVATIONS, activation, swiglu
 
 __all__ = [
+    "ACTIVATIONS",
+    "activation",
     "add_rms_norm",
     "apply_rope",
+    "apply_weight",
     "attention",
     "rms_norm",
     "rms_norm_backward",

@@ -302,4 +302,3 @@ def test_kernels_run_under_the_interpreter_on_cpu():
     assert use_triton(_rms_norm_fwd_kernel, torch.empty(1)), (
         "triton was imported before TRITON_INTERPRET=1 was set: run the suite with TRITON_INTERPRET=1"
     )
-

@@ -174,8 +174,10 @@ class KernelReport:
     def brief(self) -> str:
         """One line: "patched", "patched; <kind> stock (<reason>)", or "stock (<reason>)"."""
         if self.note:
-            return "stock (no kernels for this model type)" if self.note.startswith("no tli kernels") else (
-                f"stock ({_short(self.note)})"
+            return (
+                "stock (no kernels for this model type)"
+                if self.note.startswith("no tli kernels")
+                else (f"stock ({_short(self.note)})")
             )
         stock = []
         for kind in KINDS:

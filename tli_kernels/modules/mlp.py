@@ -45,7 +45,7 @@ _PROBED: dict[tuple, str | None] = {}
 
 
 def activation_of(module: nn.Module | None) -> str | None:
-    """"silu" or "gelu_tanh" when `module` computes that activation bit for bit (float32 and bfloat16
+    """ "silu" or "gelu_tanh" when `module` computes that activation bit for bit (float32 and bfloat16
     probes), else None."""
     if module is None or any(True for _ in module.parameters()):
         return None

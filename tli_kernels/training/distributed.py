@@ -51,9 +51,16 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, *, ok: bool = False) -> None:
+        """Tear the process group down. After a successful run (`ok`) every rank first waits for the
+        others: a rank whose peer has already torn down can abort in gloo's threads ("terminate called
+        without an active exception"). After an error no rank waits, as a peer may never arrive."""
         if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if ok and self.distributed:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def setup(device: str = "auto") -> Runtime:

@@ -300,10 +300,13 @@ def heldout_loss(trainee: Trainee, windows: torch.Tensor, runtime: distributed.R
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) continued pretraining; see the module docstring."""
     runtime = distributed.setup(cfg.device)
+    ok = False
     try:
-        return _train(cfg, runtime)
+        result = _train(cfg, runtime)
+        ok = True
+        return result
     finally:
-        runtime.close()
+        runtime.close(ok=ok)
 
 
 def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:

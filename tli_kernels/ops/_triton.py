@@ -159,6 +159,8 @@ def route(kernel, x: torch.Tensor, *tensors: torch.Tensor | None) -> str:
         for t in tensors:
             if t is not None and t.requires_grad:
                 return AUTOGRAD
+    if _backend == "reference":
+        return REFERENCE
     if _backend == "auto" and x.device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
         return REFERENCE  # the CPU without the interpreter (use_triton's answer, without the call)
     return KERNEL if use_triton(kernel, x) else REFERENCE

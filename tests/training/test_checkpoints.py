@@ -231,7 +231,7 @@ def test_provenance_problems_are_named(token_files, tiny_tli, tmp_path, capsys):
     prov = model / "tli_provenance.json"
     prov.write_text("[]")
     assert main(["train", str(model), *_train_flags(token_files)]) == 1
-    assert f"{prov}: expected a JSON object" in capsys.readouterr().err
+    assert f"{prov}: provenance is a JSON array, not an object" in capsys.readouterr().err
     prov.write_text(json.dumps({"injected_layers": [2, 99]}))
     assert main(["train", str(model), "--train", "injected", *_train_flags(token_files)]) == 1
     assert f"{prov}: names injected layer 99, but the model has 6 layers" in capsys.readouterr().err

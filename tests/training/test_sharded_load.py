@@ -137,7 +137,7 @@ def test_provenance_that_does_not_fit_is_named(tmp_path):
     prov = os.path.join(src, "tli_provenance.json")
     with open(prov, "w") as f:
         f.write("[1, 2]")
-    with pytest.raises(ValueError, match="tli_provenance.json: expected a JSON object"):
+    with pytest.raises(ValueError, match="tli_provenance.json: provenance is a JSON array, not an object"):
         open_source(src)
     with open(prov, "w") as f:
         f.write('{"injected_layers": [1, 99]}')

@@ -70,16 +70,12 @@ def check_output_writable(output: str) -> None:
 # ---------------------------------------------------------------------------------- JSON files
 def read_json(path: str) -> dict | None:
     """A JSON object from path; None when the file does not exist; ValueError naming it otherwise."""
-    if not os.path.isfile(path):
-        return None
+    from tli_kernels.checkpoint.validate import load_json_object  # the one JSON validation layer
+
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: cannot read ({' '.join(str(e).split())[:200]})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
-    return obj
+        return load_json_object(path, os.path.basename(path))
+    except FileNotFoundError:
+        return None
 
 
 def write_json(path: str, data) -> None:

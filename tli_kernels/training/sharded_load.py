@@ -22,7 +22,6 @@ working memory whatever the model size.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from tli_kernels.checkpoint.executor_python import _compute_f32, _SourceFiles, b
 from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
 from tli_kernels.checkpoint.plan import OutShard, OutTensor, SurgeryPlan, TensorOp
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES
+from tli_kernels.checkpoint.validate import read_provenance
 
 # 1M elements per op application: ~40 MB of numpy temporaries (the executor's 40 B/element).
 CHUNK_ELEMENTS = 1 << 20
@@ -106,20 +106,6 @@ def open_source(
         provenance = plan.provenance(__version__)
     check_provenance(provenance, len(plan.layers) or layout.num_layers, os.path.join(layout.path, PROVENANCE_NAME))
     return ModelSource(layout.path, plan, layout, provenance, method, dict(options or {}), snapshot)
-
-
-def read_provenance(folder: str) -> dict | None:
-    path = os.path.join(folder, PROVENANCE_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
-    return obj
 
 
 def check_provenance(provenance: dict | None, num_layers: int, where: str) -> None:

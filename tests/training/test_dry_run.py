@@ -40,13 +40,12 @@ def test_activation_estimate_matches_what_autograd_saves():
                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=256)  # fmt: skip
         tokens = 64
         measured = _saved_bytes(config, tokens, checkpointing=False)
-        estimate = activation_elements_per_token(config) * tokens * 4
+        estimate = activation_elements_per_token(config, layers) * tokens * 4
         assert abs(estimate - measured) / measured < 0.1, (estimate, measured)
         # checkpointed: layer inputs only (the one layer being recomputed is transient, not saved)
         measured = _saved_bytes(config, tokens, checkpointing=True)
-        one, none = ({**config, "num_hidden_layers": n} for n in (1, 0))
-        per_layer = activation_elements_per_token(one) - activation_elements_per_token(none)
-        estimate = (activation_elements_per_token(config, checkpointing=True) - per_layer) * tokens * 4
+        per_layer = activation_elements_per_token(config, 1) - activation_elements_per_token(config, 0)
+        estimate = (activation_elements_per_token(config, layers, checkpointing=True) - per_layer) * tokens * 4
         assert abs(estimate - measured) / measured < 0.15, (estimate, measured)
 
 

@@ -29,7 +29,6 @@ from tli_kernels.checkpoint.plan import OutTensor
 from tli_kernels.training.checkpoints import injected_layers
 from tli_kernels.training.sharded_load import bytes_read_for_rows, open_source, shard_rows
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 GB = 1e9
 
 
@@ -103,6 +102,7 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
     source = open_source(cfg.model, cfg.method, cfg.method_options, seed=cfg.init_seed)
     config = source.config
     tensors = list(source.plan.tensors())
+    layer_re = re.compile(re.escape(source.layout.layer_prefix) + r"\.(\d+)\.")
     injected = set(injected_layers(source.provenance))
     if cfg.train == "injected" and not injected:
         raise ValueError(f"--train injected: {cfg.model} has no injected layers")
@@ -110,7 +110,7 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
     def trainable(t: OutTensor) -> bool:
         if cfg.train == "all":
             return True
-        m = _LAYER.match(t.name)
+        m = layer_re.match(t.name)
         return bool(m) and int(m.group(1)) in injected
 
     ranks = [RankUse(r) for r in range(world)]
@@ -130,29 +130,19 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
     layer_sizes: dict[int, int] = {}
     root = 0
     for t in tensors:
-        m = _LAYER.match(t.name)
+        m = layer_re.match(t.name)
         if m:
             layer_sizes[int(m.group(1))] = layer_sizes.get(int(m.group(1)), 0) + _numel(t.shape)
         else:
             root += _numel(t.shape)
-    biggest = max(layer_sizes.values(), default=0)
-    if config.get("tie_word_embeddings") and not any(t.name == "lm_head.weight" for t in tensors):
-        pass  # the head is the embedding: counted once, as the model holds it
+    biggest = max(layer_sizes.values(), default=0)  # a tied head is the embedding: the plan holds it once
     fsdp = 2 * biggest * compute + 4 * biggest + root * compute
 
-    h = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or h // heads)
-    kv = int(config.get("num_key_value_heads") or heads) * head_dim
-    inter = int(config.get("intermediate_size") or 4 * h)
-    vocab = int(config["vocab_size"])
-    layers = int(config["num_hidden_layers"])
+    layers = source.num_layers
     tokens = cfg.micro_batch * cfg.seq_len
-    per_layer = 8 * h + 2 * kv + 4 * inter + heads
-    outside = vocab + 4 * h
-    upcast = tokens * vocab * 4 if compute == 2 else 0  # the loss's float32 logits
-    activations = tokens * (layers * per_layer + outside) * compute + upcast
-    checkpointed = tokens * (layers * h + per_layer + outside) * compute + upcast
+    upcast = tokens * int(config["vocab_size"]) * 4 if compute == 2 else 0  # the loss's float32 logits
+    activations = tokens * activation_elements_per_token(config, layers) * compute + upcast
+    checkpointed = tokens * activation_elements_per_token(config, layers, checkpointing=True) * compute + upcast
     return DryRun(
         model=cfg.model + (f" --method {cfg.method} {cfg.method_options}" if cfg.method else ""),
         world=world,
@@ -170,14 +160,24 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
     )
 
 
-def activation_elements_per_token(config: dict, checkpointing: bool = False) -> int:
-    """The estimate above in float32 elements per token (what the test measures against)."""
-    h = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or h // heads)
-    kv = int(config.get("num_key_value_heads") or heads) * head_dim
-    inter = int(config.get("intermediate_size") or 4 * h)
-    layers = int(config["num_hidden_layers"])
+def _first(config: dict, keys: tuple[str, ...], default=None):
+    for key in keys:
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    if default is None:
+        raise ValueError(f"--dry-run: config.json has none of {', '.join(keys)}")
+    return default
+
+
+def activation_elements_per_token(config: dict, layers: int, checkpointing: bool = False) -> int:
+    """Activations kept per token, in elements, for a Llama-shaped block (the estimate the dry run
+    uses; the test measures it against autograd's saved tensors). Other families' keys are read where
+    they name the same sizes (n_embd, n_head, ...)."""
+    h = _first(config, ("hidden_size", "n_embd", "d_model"))
+    heads = _first(config, ("num_attention_heads", "n_head"))
+    head_dim = _first(config, ("head_dim",), h // heads)
+    kv = _first(config, ("num_key_value_heads",), heads) * head_dim
+    inter = _first(config, ("intermediate_size", "n_inner", "ffn_dim"), 4 * h)
     per_layer = 8 * h + 2 * kv + 4 * inter + heads
     outside = int(config["vocab_size"]) + 4 * h
     return (layers * h + per_layer if checkpointing else layers * per_layer) + outside

@@ -155,13 +155,7 @@ class SurgeryPlan:
     # ---- serialisation --------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
-            "format": self.format,
-            "method": self.method,
-            "options": self.options,
-            "source": self.source,
-            "config": self.config,
-            "layers": self.layers,
-            "side_files": self.side_files,
+            **self.to_json_head(),
             "shards": [
                 {
                     "file": s.file,

@@ -482,28 +482,23 @@ def _(dy, d_residual_out, x, weight, rstd, branch, alpha, scale, eps, has_residu
     )
 
 
-def _rms_norm_setup(ctx, inputs, output):
-    x, weight, eps, offset, cast_before_weight = inputs
-    _, rstd = output
+# What the two autograd paths (the custom op's registration, used under torch.compile, and the eager
+# autograd.Functions) save and compute; they differ only in how the backward kernel is called.
+def _save_rms_norm(ctx, x, weight, rstd, eps, offset, cast_before_weight) -> None:
     ctx.save_for_backward(x, weight, rstd)
     ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
 
 
-def _rms_norm_backward(ctx, dy, _d_rstd):
+def _rms_norm_grads(ctx, dy, backward):
     x, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
-    dx, _, dw, _ = _rms_norm_backward_op(
+    dx, _, dw, _ = backward(
         dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw, ctx.offset, ctx.cast_before_weight
     )
     return dx, (dw if need_dw else None), None, None, None
 
 
-_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
-
-
-def _add_rms_norm_setup(ctx, inputs, output):
-    residual, branch, weight, alpha, scale, eps, offset, cast_before_weight = inputs
-    new_residual, _, rstd = output
+def _save_add_rms_norm(ctx, new_residual, weight, rstd, branch, alpha, scale, eps, offset, cast_before_weight):
     need_dalpha = alpha is not None and ctx.needs_input_grad[3]
     # The branch is kept alive only when alpha learns: d alpha = sum(dr' * branch).
     ctx.save_for_backward(new_residual, weight, rstd, branch if need_dalpha else None, alpha)
@@ -511,10 +506,10 @@ def _add_rms_norm_setup(ctx, inputs, output):
     ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
 
 
-def _add_rms_norm_backward(ctx, d_new_residual, dy, _d_rstd):
+def _add_rms_norm_grads(ctx, d_new_residual, dy, backward):
     new_residual, weight, rstd, branch, alpha = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[2]
-    d_residual, d_branch, dw, d_alpha = _rms_norm_backward_op(
+    d_residual, d_branch, dw, d_alpha = backward(
         dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw,
         ctx.offset, ctx.cast_before_weight,
     )  # fmt: skip
@@ -530,6 +525,28 @@ def _add_rms_norm_backward(ctx, d_new_residual, dy, _d_rstd):
     )
 
 
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps, offset, cast_before_weight = inputs
+    _save_rms_norm(ctx, x, weight, output[1], eps, offset, cast_before_weight)
+
+
+def _rms_norm_backward(ctx, dy, _d_rstd):
+    return _rms_norm_grads(ctx, dy, _rms_norm_backward_op)
+
+
+_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    residual, branch, weight, alpha, scale, eps, offset, cast_before_weight = inputs
+    new_residual, _, rstd = output
+    _save_add_rms_norm(ctx, new_residual, weight, rstd, branch, alpha, scale, eps, offset, cast_before_weight)
+
+
+def _add_rms_norm_backward(ctx, d_new_residual, dy, _d_rstd):
+    return _add_rms_norm_grads(ctx, d_new_residual, dy, _rms_norm_backward_op)
+
+
 _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
@@ -538,48 +555,24 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, offset: float, cast_before_weight: bool) -> Tensor:
         y, rstd, _ = _forward(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.eps, ctx.offset, ctx.cast_before_weight = eps, offset, cast_before_weight
+        _save_rms_norm(ctx, x, weight, rstd, eps, offset, cast_before_weight)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[1]
-        dx, _, dw, _ = _backward(
-            dy, None, x, weight, rstd, None, None, 1.0, ctx.eps, False, need_dw, ctx.offset, ctx.cast_before_weight
-        )
-        return dx, (dw if need_dw else None), None, None, None
+        return _rms_norm_grads(ctx, dy, _backward)
 
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, branch, weight, alpha, scale, eps, offset, cast_before_weight):
         y, rstd, new_residual = _forward(branch, weight, eps, residual, alpha, scale, offset, cast_before_weight)
-        need_dalpha = alpha is not None and ctx.needs_input_grad[3]
-        ctx.save_for_backward(new_residual, weight, rstd, branch if need_dalpha else None, alpha)
-        ctx.scale, ctx.eps, ctx.branch_dtype = scale, eps, branch.dtype
-        ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
+        _save_add_rms_norm(ctx, new_residual, weight, rstd, branch, alpha, scale, eps, offset, cast_before_weight)
         return new_residual, y
 
     @staticmethod
     def backward(ctx, d_new_residual, dy):
-        new_residual, weight, rstd, branch, alpha = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[2]
-        d_residual, d_branch, dw, d_alpha = _backward(
-            dy, d_new_residual, new_residual, weight, rstd, branch, alpha, ctx.scale, ctx.eps, True, need_dw,
-            ctx.offset, ctx.cast_before_weight,
-        )  # fmt: skip
-        return (
-            d_residual,
-            d_branch.to(ctx.branch_dtype),
-            dw if need_dw else None,
-            d_alpha.to(alpha.dtype) if branch is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _add_rms_norm_grads(ctx, d_new_residual, dy, _backward)
 
 
 # ------------------------------------------------------------------------------------ public API

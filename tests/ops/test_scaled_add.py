@@ -37,10 +37,39 @@ def test_scaled_add_applies_the_float32_alpha_and_rounds_once(dtype, learnable, 
         assert_close(alpha.grad, (g.double() * b.double()).sum().reshape(1).float(), torch.float32, "d alpha")
 
 
+MIXED = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("residual_dtype,branch_dtype", MIXED)
+@pytest.mark.parametrize("learnable", [False, True])
+def test_scaled_add_mixed_dtypes_as_under_autocast(residual_dtype, branch_dtype, learnable, require_triton):
+    # bf16 autocast keeps the residual stream float32 while a projection returns bf16: the sum is the
+    # promoted dtype (as stock's `residual + branch`), each gradient comes back in its input's dtype.
+    torch.manual_seed(2)
+    r = torch.randn(2, 900, device=DEVICE).to(residual_dtype).requires_grad_(True)
+    b = torch.randn(2, 900, device=DEVICE).to(branch_dtype).requires_grad_(True)
+    require_triton(_scaled_add_fwd_kernel, r)
+    alpha = torch.tensor([ALPHA], device=DEVICE, requires_grad=True) if learnable else ALPHA
+    out = scaled_add(r, b, alpha)
+    assert out.dtype == torch.float32
+    g = torch.randn_like(out)
+    out.backward(g)
+    alpha32 = torch.tensor(ALPHA, dtype=torch.float32).double().item()
+    assert_close(out, (r.double() + alpha32 * b.double()).float(), torch.float32, "out")
+    assert r.grad.dtype == residual_dtype and b.grad.dtype == branch_dtype
+    assert torch.equal(r.grad, g.to(residual_dtype))
+    assert_close(b.grad, (alpha32 * g.double()).to(branch_dtype), branch_dtype, "d branch")
+    if learnable:
+        want = (g.double() * b.double()).sum().reshape(1).float()
+        assert_close(alpha.grad, want, torch.float32, "d alpha")
+
+
 def test_scaled_add_errors():
     x = torch.randn(2, 4)
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(ValueError, match="one shape"):
         scaled_add(x, torch.randn(2, 5), 0.5)
+    with pytest.raises(ValueError, match="floating"):
+        scaled_add(x, torch.ones(2, 4, dtype=torch.int64), 0.5)
     with pytest.raises(ValueError, match="one element"):
         scaled_add(x, x, torch.ones(2))
 
@@ -51,6 +80,8 @@ def test_opcheck_scaled_add(learnable):
     b = torch.randn(4, 24, device=DEVICE, requires_grad=True)
     alpha = torch.tensor([0.5], device=DEVICE, requires_grad=True) if learnable else None
     opcheck(torch.ops.tli.scaled_add.default, (r, b, alpha, 1.0 if learnable else 0.5))
+    b16 = b.detach().bfloat16().requires_grad_(True)  # autocast's mix: float32 residual, bf16 branch
+    opcheck(torch.ops.tli.scaled_add.default, (r, b16, alpha, 1.0 if learnable else 0.5))
 
 
 @pytest.mark.parametrize("learnable", [False, True])

@@ -63,7 +63,8 @@ def _scaled_add_bwd_kernel(
 # ------------------------------------------------------- implementations (Triton or the reference)
 def _forward(residual: Tensor, branch: Tensor, alpha: Tensor | None, scale: float) -> Tensor:
     if use_triton(_scaled_add_fwd_kernel, residual):
-        out = torch.empty_like(residual)
+        out_dtype = torch.promote_types(residual.dtype, branch.dtype)
+        out = torch.empty(residual.shape, dtype=out_dtype, device=residual.device)
         n = residual.numel()
         if n:
             with device_guard(residual):
@@ -105,7 +106,7 @@ def _scaled_add_op(residual: Tensor, branch: Tensor, alpha: Tensor | None, scale
 
 @_scaled_add_op.register_fake
 def _(residual, branch, alpha, scale):
-    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+    return residual.new_empty(residual.shape, dtype=torch.promote_types(residual.dtype, branch.dtype))
 
 
 @torch.library.custom_op("tli::scaled_add_backward", mutates_args=())
@@ -128,13 +129,14 @@ def _setup(ctx, inputs, output):
     residual, branch, alpha, scale = inputs
     ctx.need_dalpha = alpha is not None and ctx.needs_input_grad[2]
     ctx.save_for_backward(branch if ctx.need_dalpha else None, alpha)
-    ctx.scale, ctx.branch_dtype = scale, branch.dtype
+    ctx.scale, ctx.residual_dtype, ctx.branch_dtype = scale, residual.dtype, branch.dtype
 
 
 def _backward_autograd(ctx, dout):
     branch, alpha = ctx.saved_tensors
     d_branch, d_alpha = _scaled_add_backward_op(dout, branch, alpha, ctx.scale, ctx.need_dalpha)
-    return dout, d_branch.to(ctx.branch_dtype), (d_alpha.to(alpha.dtype) if ctx.need_dalpha else None), None
+    d_alpha = d_alpha.to(alpha.dtype) if ctx.need_dalpha else None
+    return dout.to(ctx.residual_dtype), d_branch.to(ctx.branch_dtype), d_alpha, None
 
 
 _scaled_add_op.register_autograd(_backward_autograd, setup_context=_setup)
@@ -146,25 +148,27 @@ class _ScaledAdd(torch.autograd.Function):
     def forward(ctx, residual, branch, alpha, scale):
         ctx.need_dalpha = alpha is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(branch if ctx.need_dalpha else None, alpha)
-        ctx.scale, ctx.branch_dtype = scale, branch.dtype
+        ctx.scale, ctx.residual_dtype, ctx.branch_dtype = scale, residual.dtype, branch.dtype
         return _forward(residual, branch, alpha, scale)
 
     @staticmethod
     def backward(ctx, dout):
         branch, alpha = ctx.saved_tensors
         d_branch, d_alpha = _backward(dout, branch, alpha, ctx.scale, ctx.branch_dtype)
-        return dout, d_branch, (d_alpha.to(alpha.dtype) if ctx.need_dalpha else None), None
+        return dout.to(ctx.residual_dtype), d_branch, (d_alpha.to(alpha.dtype) if ctx.need_dalpha else None), None
 
 
 # ------------------------------------------------------------------------------------ public API
 def scaled_add(residual: Tensor, branch: Tensor, alpha: float | Tensor, *, scale: float = 1.0) -> Tensor:
-    """residual + alpha * scale * branch in float32, rounded once to residual's dtype. `alpha`: a float
+    """residual + alpha * scale * branch in float32, rounded once to the promoted dtype of residual and branch
+    (bf16 autocast leaves a float32 residual beside a bf16 branch: the sum is float32, as stock's
+    `residual + branch`; the gradients come back in each input's dtype). `alpha`: a float
     (applied as float32) or a one-element float32 tensor (e.g. a learnable scale, which receives its
     gradient); `scale` a constant factor on top (Granite's residual multiplier). Differentiable."""
-    if residual.shape != branch.shape or residual.dtype != branch.dtype:
+    if residual.shape != branch.shape or not (residual.is_floating_point() and branch.is_floating_point()):
         raise ValueError(
             f"scaled_add: residual {tuple(residual.shape)} {residual.dtype} and branch {tuple(branch.shape)} "
-            f"{branch.dtype} must match"
+            f"{branch.dtype} must have one shape and floating dtypes"
         )
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1:

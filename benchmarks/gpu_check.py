@@ -12,7 +12,9 @@ as skipped):
      alone); peak memory; bf16 errors of output and every gradient against a float32 layer with the
      same weights, each tli layer within 2x stock's own error;
   3. generate: greedy `generate()` tokens/s of a Llama-3.2-1B-shaped model (random weights, bf16), stock
-     against `apply_tli_kernels`, batch 1 (no mask) and batch 4 left-padded (the masked GQA path);
+     against `apply_tli_kernels`, batch 1 (no mask) and batch 4 left-padded (the masked GQA path), with
+     the SDPA backend each side runs for the prompt and the decode steps, and tli under torch's own SDPA
+     order (stock's backend) as the same-backend control;
   4. layer_1b: the same as 2 for Llama-3.2-1B's layer (no torch.compile);
   5. layer_8b_compiled: torch.compile(stock) at the 8B shape, with what is left (its first compile
      takes tens of seconds), merged into layer_8b's table;
@@ -107,9 +109,13 @@ def layer_section(bench: gk.Bench, case: gk.Case, *, compiled: bool, liger: bool
 
 
 def generate_section(bench: gk.Bench, spec: dict) -> dict:
-    """Tokens/s of greedy generate(), stock then tli on the same weights, alternating, twice each."""
+    """Tokens/s of greedy generate() on the same weights, alternating, best of the rounds after a warm-up:
+    stock; tli (its own SDPA order: cuDNN first for the prompt, not for one-token steps); and, on CUDA, tli
+    under torch's own order, the same attention backend as stock (the control that separates the
+    kernels from the backend). What SDPA runs for the prompt and for a decode step is recorded per side."""
     from transformers import LlamaForCausalLM
 
+    from tli_kernels import ops
     from tli_kernels.integrations import apply_tli_kernels
 
     config = gk.llama_config(gk.MODELS[spec["model"]], num_hidden_layers=spec["layers"], vocab_size=spec["vocab"],
@@ -127,34 +133,44 @@ def generate_section(bench: gk.Bench, spec: dict) -> dict:
     for row in range(1, batch):  # left padding of 0, 8, 16... tokens: the masked (padded) attention path
         mask[row, : min(8 * row, spec["prompt"] - 1)] = 0
     prompts[f"batch {batch}, left-padded"] = (ids, mask)
+    sides = {"stock": (False, contextlib.nullcontext), "tli": (True, contextlib.nullcontext)}
+    if bench.device.type == "cuda":
+        sides["tli_under_torch_sdpa_order"] = (True, lambda: ops.attention_backend("sdpa"))
     result = {"model": spec, "parameters": sum(p.numel() for p in model.parameters()), "cases": {}}
     for name, (ids, mask) in prompts.items():
         ids = ids.to(bench.device)
         mask = mask.to(bench.device) if mask is not None else torch.ones_like(ids)
         settings = dict(attention_mask=mask, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
                         do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
-        runs = {"stock": [], "tli": []}
+        runs = {side: [] for side in sides}
         tokens = {}
         for round_ in range(spec.get("rounds", 3)):  # round 0 warms up (kernels built, graphs made), not counted
-            for config_name in ("stock", "tli"):
-                handle = apply_tli_kernels(model) if config_name == "tli" else None
+            for side, (patched, context) in sides.items():
+                handle = apply_tli_kernels(model) if patched else None
                 try:
-                    bench.sync()
-                    started = time.perf_counter()
-                    with torch.no_grad():
-                        out = model.generate(ids, **settings)
-                    bench.sync()
-                    seconds = time.perf_counter() - started
+                    with context():
+                        bench.sync()
+                        started = time.perf_counter()
+                        with torch.no_grad():
+                            out = model.generate(ids, **settings)
+                        bench.sync()
+                        seconds = time.perf_counter() - started
                 finally:
                     if handle is not None:
                         handle.undo(fold=False)
                 new = out[:, ids.shape[1] :]
-                tokens[config_name] = new
+                tokens[side] = new
                 if round_:
-                    runs[config_name].append(new.numel() / seconds)
+                    runs[side].append(new.numel() / seconds)
         entry = {f"{k}_tokens_per_s": max(v) for k, v in runs.items()}
         entry["runs_tokens_per_s"] = runs
         entry["tli_over_stock"] = entry["tli_tokens_per_s"] / entry["stock_tokens_per_s"]
+        if "tli_under_torch_sdpa_order" in runs:
+            entry["same_backend_tli_over_stock"] = (
+                entry["tli_under_torch_sdpa_order_tokens_per_s"] / entry["stock_tokens_per_s"]
+            )
+        entry["attention"] = generate_attention(bench, config, ids.shape[0], ids.shape[1], spec["new_tokens"],
+                                                masked=bool((mask == 0).any()))  # fmt: skip
         # bf16 greedy decoding may part ways after a near tie; the share that agrees is recorded, not judged
         entry["same_tokens_fraction"] = (tokens["tli"] == tokens["stock"]).float().mean().item()
         result["cases"][name] = entry
@@ -162,6 +178,31 @@ def generate_section(bench: gk.Bench, spec: dict) -> dict:
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def generate_attention(bench: gk.Bench, config, batch: int, prompt: int, new_tokens: int, masked: bool) -> dict:
+    """The backend SDPA picks for the prompt and for a decode step (cache of prompt + new tokens), for a
+    stock call and for tli's (auto order and torch's order): `ops.sdpa_report`, shortened."""
+    from tli_kernels import ops
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    out = {}
+    for name, q_len in (("prompt", prompt), ("decode", 1)):
+        kv_len = prompt if q_len > 1 else prompt + new_tokens
+        q = torch.empty(batch, q_len, heads, head_dim, device=bench.device, dtype=bench.dtype).transpose(1, 2)
+        kv = torch.empty(batch, kv_len, kv_heads, head_dim, device=bench.device, dtype=bench.dtype).transpose(1, 2)
+        mask = torch.ones(batch, 1, q_len, kv_len, device=bench.device, dtype=torch.bool) if masked else None
+        try:
+            report = ops.sdpa_report(q, kv, kv, attn_mask=mask, causal=True)
+            with ops.attention_backend("sdpa"):
+                torch_order = ops.sdpa_report(q, kv, kv, attn_mask=mask, causal=True)
+            out[name] = {"stock": report["stock_choice"], "tli": report["tli_choice"],
+                         "tli_under_torch_sdpa_order": torch_order["tli_choice"],
+                         "tli_priority_order": report.get("tli_priority_order")}  # fmt: skip
+        except Exception as error:  # a record, not a measurement: never lose the section over it
+            out[name] = {"error": f"{type(error).__name__}: {error}"}
+    return out
 
 
 # -------------------------------------------------------------------------------------- markdown
@@ -186,13 +227,25 @@ def markdown(data: dict) -> str:
     gen = data.get("generate") or {}
     lines += ["## generate()", ""]
     if "cases" in gen:
-        rows = [[name, fmt(c["stock_tokens_per_s"], ".0f"), fmt(c["tli_tokens_per_s"], ".0f"),
-                 fmt_ratio(c["tli_over_stock"]), f"{c['same_tokens_fraction']:.0%}"]
-                for name, c in gen["cases"].items()]  # fmt: skip
+        rows = []
+        for name, c in gen["cases"].items():
+            attn = c.get("attention") or {}
+
+            def ran(side, attn=attn):
+                return " / ".join(str((attn.get(k) or {}).get(side, "?")) for k in ("prompt", "decode"))
+
+            control, same = c.get("tli_under_torch_sdpa_order_tokens_per_s"), c.get("same_backend_tli_over_stock")
+            rows.append([name, fmt(c["stock_tokens_per_s"], ".0f"), ran("stock"), fmt(c["tli_tokens_per_s"], ".0f"),
+                         ran("tli"), fmt_ratio(c["tli_over_stock"]), fmt(control, ".0f"), fmt_ratio(same),
+                         f"{c['same_tokens_fraction']:.0%}"])  # fmt: skip
+        rounds = gen["model"].get("rounds", 3) - 1
         lines += [f"Greedy, {gen['model']['new_tokens']} new tokens after a {gen['model']['prompt']}-token prompt, "
                   f"{gen['model']['model']}-shaped model with {gen['model']['layers']} layers "
-                  f"({gen['parameters'] / 1e9:.2f}B parameters), best of 2 runs after a warm-up run.", "",
-                  markdown_table(["case", "stock tokens/s", "tli tokens/s", "tli / stock", "same tokens"], rows),
+                  f"({gen['parameters'] / 1e9:.2f}B parameters), best of {rounds} runs after a warm-up run. "
+                  "SDPA backend as prompt / decode step; the same-backend ratio is tli under torch's own SDPA "
+                  "order (the backend stock runs) over stock.", "",
+                  markdown_table(["case", "stock tokens/s", "stock SDPA", "tli tokens/s", "tli SDPA", "tli / stock",
+                                  "tli, torch's order, tokens/s", "same-backend tli / stock", "same tokens"], rows),
                   ""]  # fmt: skip
     else:
         lines += [f"Not measured: {gen.get('skipped') or gen.get('error')}", ""]

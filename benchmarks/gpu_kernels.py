@@ -429,25 +429,36 @@ def check_correctness(bench: Bench, layers: Layers, case: Case, extra: dict, jud
             "tli_fused_gate_up": (layers.tli_fused, contextlib.nullcontext),
         }
         candidates.update(extra)
+        crashed = {}
         for name, (layer, context) in candidates.items():
-            with context():
-                out, grads = layers.run(layer, inputs)
+            try:
+                with context():
+                    out, grads = layers.run(layer, inputs)
+            except Exception as error:  # one candidate failing (Liger, say) must not lose the others' errors
+                crashed[name] = f"{type(error).__name__}: {error}"[:500]
+                continue
             errors[name] = {"output": rel_error(out, ref_out)}
             # (a learnable alpha's gradient has no counterpart in the stock layer: not compared)
             errors[name].update({f"grad:{k}": rel_error(g, ref_grads[k]) for k, g in grads.items() if k in ref_grads})
             del out, grads
     slack = 1e-6  # float noise floor, so an exact (zero-error) stock layer does not fail a float32 smoke run
+    stock = errors.get("stock", {})
     failures = {
-        f"{name}/{key}": {"error": value, "stock": errors["stock"][key]}
+        f"{name}/{key}": {"error": value, "stock": stock.get(key)}
         for name in ("tli", "tli_fused_gate_up", *judged)
-        for key, value in errors[name].items()
-        if value > 2 * errors["stock"][key] + slack
+        for key, value in errors.get(name, {}).items()
+        if key not in stock or value > 2 * stock[key] + slack
     }
+    # A judged layer (or stock, the yardstick) that did not run fails the check; an unjudged one (Liger) is
+    # recorded as failed and the rest kept.
+    failures.update({f"{name}/run": {"error": crashed[name]} for name in ("stock", "tli", "tli_fused_gate_up",
+                                                                           *judged) if name in crashed})  # fmt: skip
     criterion = "each tli layer's error <= 2 x the stock layer's error in the same dtype (+1e-6), output and grads"
     return {
         "case": vars(case),
         "criterion": criterion,
         "errors": errors,
+        "crashed": crashed,
         "pass": not failures,
         "failures": failures,
     }
@@ -717,6 +728,8 @@ def correctness_lines(correctness: dict) -> list[str]:
     for name, errs in correctness["errors"].items():
         worst = max((v, k) for k, v in errs.items() if k != "output")
         lines.append(f"- {name}: output {errs['output']:.2e}, worst gradient {worst[0]:.2e} ({worst[1]})")
+    for name, why in (correctness.get("crashed") or {}).items():
+        lines.append(f"- {name}: FAILED to run: {why}")
     return lines + [""]
 
 

@@ -55,3 +55,20 @@ def require_triton():
             pytest.skip("Triton cannot run here: no CUDA and TRITON_INTERPRET=1 was not set before import")
 
     return check
+
+
+def pytest_runtest_logreport(report):
+    """With TLI_TEST_LOG=FILE, one line per test as it ends (`PASSED|FAILED|ERROR|SKIPPED nodeid seconds`),
+    flushed at once: a run cut off by a time limit (the GPU window's) still says what passed and failed.
+    Under pytest-xdist the controller writes the lines, not the workers."""
+    path = os.environ.get("TLI_TEST_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = "ERROR" if report.when == "setup" and report.outcome == "failed" else report.outcome.upper()
+    elif report.when == "teardown" and report.outcome == "failed":
+        outcome = "ERROR"
+    else:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{outcome} {report.nodeid} {report.duration:.2f}s\n")

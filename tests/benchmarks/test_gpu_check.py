@@ -1,18 +1,23 @@
-"""benchmarks/gpu_check.sh --cpu-smoke: the 5-minute GPU check runs end to end on a CPU at tiny shapes
-(its timings mean nothing): every section of gpu_check.json is filled, the layers pass their
-correctness check in float16 under the interpreter, generate() gives the same tokens stock and patched,
-the test selections it runs on the GPU collect, and it writes no more files than the device tool
-brings back (8)."""
+"""benchmarks/gpu_check.sh --cpu-smoke (gpu_window.sh without the quality preset): the GPU check runs end to
+end on a CPU at tiny shapes (its timings mean nothing): every section of gpu_check.json is filled, the
+layers pass their correctness check in float16 under the interpreter, generate() gives the same tokens
+stock and patched and records the backends, the test selection it runs on the GPU collects, and it writes
+no more files than the device tool brings back (8). A layer that fails in the correctness check (Liger's,
+say) is recorded as failed and the others' errors are kept."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
@@ -21,9 +26,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["env.txt", "gpu_check.json", "gpu_check.log", "gpu_check.md", "pytest.log", "summary.txt"]
+    assert files == ["gpu_check.json", "gpu_check.md", "pytest.log", "run.log", "summary.txt"]
     summary = (tmp_path / "summary.txt").read_text()
-    assert summary.count("exit 0") == 3, summary  # benchmarks, the two test selections
+    assert summary.count("exit 0") == 2, summary  # the check, the test selection
+    assert "pytest: " in summary and "tests collected" in summary, summary
+    assert "torch" in summary and "transformers" in summary  # the machine's record
     assert "tests collected" in (tmp_path / "pytest.log").read_text()
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     for name in ("sdpa", "rates", "layer_8b", "generate"):
@@ -39,4 +46,30 @@ def test_gpu_check_cpu_smoke(tmp_path):
     for case in data["generate"]["cases"].values():
         assert case["stock_tokens_per_s"] > 0 and case["tli_tokens_per_s"] > 0
         assert case["same_tokens_fraction"] == 1.0  # float16 on CPU: the same greedy tokens
+        assert set(case["attention"]) == {"prompt", "decode"}, case["attention"]
+        assert all("stock" in a and "tli" in a for a in case["attention"].values()), case["attention"]
     assert (tmp_path / "gpu_check.md").read_text().startswith("# tli GPU check")
+
+
+def test_a_layer_that_fails_in_the_correctness_check_is_recorded_and_the_rest_kept(tmp_path):
+    import gpu_kernels as gk
+    from harness import Results
+
+    bench = gk.Bench(Results(tmp_path / "r.json"), device=torch.device("cpu"), dtype=torch.float32, warmup=0,
+                     reps=1, max_sets=1)  # fmt: skip
+    layers = gk.Layers(bench, "smoke")
+    case = gk.Case("smoke", 1, 8)
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("liger exploded")
+
+    extra = {"liger": (Broken(), contextlib.nullcontext)}
+    result = gk.check_correctness(bench, layers, case, extra)
+    assert "liger exploded" in result["crashed"]["liger"]
+    assert {"stock", "tli", "tli_fused_gate_up"} <= set(result["errors"]) and "liger" not in result["errors"]
+    assert result["pass"], result["failures"]  # Liger is not judged: recorded, not failed
+    assert any("liger: FAILED to run" in line for line in gk.correctness_lines(result))
+    # A judged layer that does not run fails the check.
+    judged = gk.check_correctness(bench, layers, case, {"mine": (Broken(), contextlib.nullcontext)}, judged=("mine",))
+    assert not judged["pass"] and "mine/run" in judged["failures"]

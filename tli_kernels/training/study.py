@@ -522,6 +522,8 @@ def run_study(
         source = state.base["model"]
         data_files = (state.base["train_ids"], state.base["heldout_ids"])
         state.source_description = state.base["describe"] + f", pretrained here for {p.base.steps} steps"
+        state.source = os.path.abspath(source)
+        write("running")  # the base model's record (its time), even if nothing after it finishes
     elif source is None:
         from tli_kernels.builtin.smollm2 import materialize
 

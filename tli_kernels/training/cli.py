@@ -22,6 +22,7 @@ Multi-GPU: torchrun --nproc-per-node 8 -m tli_kernels.cli.main train ... (FSDP2)
 """
 METHODS = ("tli", "dus", "block-expansion", "stack", "passthrough", "moe-upcycle")  # = methods.METHODS (tested)
 METHOD_FLAGS = ("k", "init", "alpha", "m", "times", "layers", "experts", "top_k")
+STUDY_PRESETS = ("cpu", "gpu", "gpu-window", "gpu-window-smoke")  # = study.PRESETS (tested)
 
 
 def add_training_parsers(sub: argparse._SubParsersAction) -> None:
@@ -135,7 +136,13 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
         description="Upscale the built-in SmolLM2-135M with every method, train each the same number of steps "
         "on the King James train split and compare held-out loss; writes a markdown table, JSON and a plot.",
     )
-    s.add_argument("--preset", choices=["cpu", "gpu"], default="cpu", help="size of the study (default cpu)")
+    s.add_argument(
+        "--preset",
+        choices=STUDY_PRESETS,
+        default="cpu",
+        help="size of the study (default cpu); gpu-window: a base Llama made in the run, for a few GPU minutes "
+        "(with --budget-s); gpu-window-smoke: the same on the CPU in under a minute",
+    )
     s.add_argument("--workdir", default="build/study", help="models and per-run results (default build/study)")
     s.add_argument("--out", default="docs", help="where the table, JSON and plot go (default docs)")
     s.add_argument("--source", help="source model folder (default: the built-in SmolLM2-135M in WORKDIR)")
@@ -147,6 +154,14 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--kernels", action="store_true", help="train with the tli Triton kernels (GPU)")
     s.add_argument("--initial-only", action="store_true", help="only the step-0 losses, no training")
     s.add_argument("--keep-models", action="store_true", help="keep the upscaled models in WORKDIR/models")
+    s.add_argument(
+        "--budget-s",
+        type=float,
+        metavar="SECONDS",
+        help="time from the start of the command: a run whose estimate does not fit in what is left is skipped "
+        "(and recorded); exits 0",
+    )
+    s.add_argument("--no-plots", action="store_true", help="no PNG plots (the JSON is enough to draw them later)")
     s.set_defaults(handler=cmd_study)
 
 
@@ -196,8 +211,9 @@ def cmd_study(
     import logging
     import shlex
     import sys
+    import time
 
-    from tli_kernels.training.study import run_study
+    from tli_kernels.training.study import process_elapsed, run_study
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     doc = run_study(
@@ -216,6 +232,12 @@ def cmd_study(
         command=command or "tli " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         environment=environment,
         environment_text=environment_text or None,
+        budget_s=args.budget_s,
+        plots=not args.no_plots,
+        started=time.monotonic() - process_elapsed(),
     )
-    print(f"wrote {args.out}/quality_results.md, .json and plots ({len(doc['trained_order'])} trained runs)")
-    return 0
+    plots = "" if args.no_plots else " and plots"
+    print(f"wrote {args.out}/quality_results.md, .json{plots} ({len(doc['trained_order'])} trained runs, "
+          f"{len(doc['skipped'])} skipped, {len(doc['failures'])} failed, {len(doc['check_failures'])} failed checks; "
+          f"{doc['elapsed_s']:.0f} s)")  # fmt: skip
+    return 1 if doc["failures"] or doc["check_failures"] else 0

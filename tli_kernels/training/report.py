@@ -12,6 +12,10 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _seconds(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.3f}"
+
+
 def _runs(doc: dict) -> dict[str, dict]:
     return {r["name"]: r for r in doc["runs"]}
 
@@ -20,22 +24,33 @@ def markdown(doc: dict) -> str:
     p, m = doc["preset"], doc["machine"]
     tokens_per_step = p["seq_len"] * p["micro_batch"] * p["accum"]
     runs = _runs(doc)
+    source = doc.get("source_description") or f"SmolLM2-135M (`{os.path.basename(doc.get('source') or '')}`)"
     lines = [
         "# Quality study results",
         "",
+        *(
+            ["**Unfinished**: the study was still running when this was written.", ""]
+            if doc.get("status") == "running"
+            else []
+        ),  # fmt: skip
         f"Command: `{doc['command']}`  ",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores, torch threads {m['torch_threads']})"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['date']}.  ",
         *([doc["environment_text"] + "  "] if doc.get("environment_text") else []),
-        f"Source: SmolLM2-135M (`{os.path.basename(doc['source'])}`). Training: the King James train split, "
+        f"Source: {source}. Training: the King James train split, "
         f"{p['steps']} AdamW steps of {tokens_per_step} tokens ({p['micro_batch'] * p['accum']} windows of "
         f"{p['seq_len']}), {p['steps'] * tokens_per_step:,} tokens in all, the same windows in the same order for "
         f"every run; lr {p['lr']:g}, {p['warmup']} warm-up steps, cosine to {p['min_lr_ratio']:g} x lr, "
-        f"weight decay 0.1, clipping 1.0, fp32.  ",
+        f"weight decay 0.1, clipping 1.0, {doc.get('precision', 'fp32')}"
+        + (", tli kernels" if doc.get("kernels") else "")
+        + ".  ",
         f"Held-out loss (nats/token): the first {p['eval_tokens']} tokens of the King James held-out split "
         f"(never trained on), windows of {p['seq_len']}.",
+        *(_timing(doc)),
         "",
+        *_base_lines(doc.get("base")),
+        *_problems(doc),
     ]
     order = doc.get("trained_order") or []
     if order:
@@ -54,7 +69,7 @@ def markdown(doc: dict) -> str:
             delta = "–" if src_final is None or name == "source" else f"{final - src_final:+.4f}"
             lines.append(
                 f"| {name} | {r['describe']} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | "
-                f"{_fmt(r['initial_loss'])} | **{_fmt(final)}** | {delta} | {t['seconds_per_step']:.1f} |"
+                f"{_fmt(r['initial_loss'])} | **{_fmt(final)}** | {delta} | {_seconds(t['seconds_per_step'])} |"
             )
         lines += ["", "Held-out loss during training:", ""]
         steps = [e["step"] for e in runs[order[0]]["trained"]["evals"]]
@@ -73,6 +88,46 @@ def markdown(doc: dict) -> str:
 
     lines += _initial_tables(doc)
     return "\n".join(lines) + "\n"
+
+
+def _timing(doc: dict) -> list[str]:
+    if doc.get("elapsed_s") is None:
+        return []
+    budget = f" of a {doc['budget_s']:g} s budget" if doc.get("budget_s") is not None else ""
+    return [f"Time: {doc['elapsed_s']:.0f} s from the start of the command{budget}."]
+
+
+def _base_lines(base: dict | None) -> list[str]:
+    """The base model made for the study: its size, pretraining and time."""
+    if not base:
+        return []
+    spec = base["spec"]
+    evals = base.get("evals") or []
+    held = f", held-out loss {evals[-1]['heldout_loss']:.4f} (bf16/fp32 as trained)" if evals else ""
+    return [
+        "## Base model",
+        "",
+        f"{base['describe']}: {base['parameters'] / 1e6:.1f}M parameters. Pretrained from scratch with tli's "
+        f"trainer: {spec['steps']} steps of {base['tokens_per_step']} tokens (windows of {spec['seq_len']}), "
+        f"{base['epochs']:.1f} passes over the {base['train_tokens']:,}-token train split, lr {spec['lr']:g} "
+        f"({spec['warmup']} warm-up steps, cosine to {spec['min_lr_ratio']:g} x){held}; "
+        f"{base['seconds_pretrain']:.0f} s of training ({base['seconds_per_step'] * 1000:.0f} ms/step), "
+        f"{base['seconds']:.0f} s with the tokenizer and data.",
+        "",
+    ]
+
+
+def _problems(doc: dict) -> list[str]:
+    lines = []
+    for title, key, field in (("Failed runs", "failures", "error"), ("Failed checks", "check_failures", "message"),
+                              ("Skipped", "skipped", "reason")):  # fmt: skip
+        items = doc.get(key) or []
+        if items:
+            lines += [f"{title}:", ""]
+            lines += [f"- {i['name']}" + (f" ({i['stage']})" if i.get("stage") else "") + f": {i[field]}"
+                      for i in items]  # fmt: skip
+            lines.append("")
+    return lines
 
 
 def _seed_table(runs: dict, order: list[str], p: dict) -> list[str]:
@@ -112,6 +167,8 @@ def _base_alpha(run: dict) -> float:
 def _initial_tables(doc: dict) -> list[str]:
     p = doc["preset"]
     runs = _runs(doc)
+    if "source" not in runs:
+        return []
     source = runs["source"]["initial_loss"]
     lines = [
         "## TLI right after upscaling (step 0), by K, init and alpha",
@@ -186,7 +243,8 @@ def plots(doc: dict, out: str) -> list[str]:
                 ax.set_xlim(p["steps"] * 0.4, p["steps"] * 1.02)
                 ax.set_title("zoom on the end of training")
             else:
-                ax.set_title("SmolLM2-135M upscaled, continued pretraining on King James")
+                what = "the base Llama" if doc.get("base") else "SmolLM2-135M"
+                ax.set_title(f"{what} upscaled, continued pretraining on King James")
         axes[1].legend(fontsize=7, loc="upper right")
         fig.tight_layout()
         path = os.path.join(out, "quality_loss.png")
@@ -195,6 +253,8 @@ def plots(doc: dict, out: str) -> list[str]:
         written.append(path)
 
     if not p["grid_ks"]:
+        return written
+    if "source" not in runs:
         return written
     fig, axes = plt.subplots(1, len(p["grid_ks"]), figsize=(4.5 * len(p["grid_ks"]), 4), sharey=True, squeeze=False)
     source = runs["source"]["initial_loss"]

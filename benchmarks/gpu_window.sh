@@ -131,7 +131,7 @@ if [ "$QUALITY" = 1 ]; then
     QLIMIT=$(( $(left) - 25 ))
     QWORK=${TLI_QUALITY_WORKDIR:-/tmp/tli-quality}
     if [ "$SMOKE" = 1 ]; then
-        QARGS=(--preset gpu-window --smoke --workdir "$QWORK-smoke")
+        QARGS=(--preset gpu-window-smoke --threads 2 --workdir "$QWORK-smoke")
     else
         QARGS=(--preset gpu-window --kernels --workdir "$QWORK")
     fi

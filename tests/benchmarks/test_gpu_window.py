@@ -1,8 +1,8 @@
-"""benchmarks/gpu_check.sh --cpu-smoke (gpu_window.sh without the quality preset): the GPU check runs end to
-end on a CPU at tiny shapes (its timings mean nothing): every section of gpu_check.json is filled, the
-layers pass their correctness check in float16 under the interpreter, generate() gives the same tokens
-stock and patched and records the backends, the test selection it runs on the GPU collects, and it writes
-no more files than the device tool brings back (8). A layer that fails in the correctness check (Liger's,
+"""benchmarks/gpu_window.sh --cpu-smoke, the GPU window's one command rehearsed on a CPU at tiny shapes (its
+timings mean nothing): every section of gpu_check.json is filled, the layers pass their correctness check
+in float16 under the interpreter, generate() gives the same tokens stock and patched and records the
+backends, the test selection it runs on the GPU collects, the quality preset's smoke size runs and
+writes its results, and the window writes no more files than the device tool brings back (8). A layer that fails in the correctness check (Liger's,
 say) is recorded as failed and the others' errors are kept."""
 
 from __future__ import annotations
@@ -20,19 +20,21 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def test_gpu_check_cpu_smoke(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, TRITON_INTERPRET="1")
-    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+def test_gpu_window_cpu_smoke(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, TRITON_INTERPRET="1", TLI_QUALITY_WORKDIR=str(tmp_path / "study"))
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_window.sh"), "--cpu-smoke", str(out)],
+                         env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["gpu_check.json", "gpu_check.md", "pytest.log", "run.log", "summary.txt"]
-    summary = (tmp_path / "summary.txt").read_text()
-    assert summary.count("exit 0") == 2, summary  # the check, the test selection
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["gpu_check.json", "gpu_check.md", "pytest.log", "quality_results.json", "quality_results.md",
+                     "run.log", "summary.txt"]  # fmt: skip
+    summary = (out / "summary.txt").read_text()
+    assert summary.count("exit 0") == 3, summary  # the check, the test selection, the quality preset
     assert "pytest: " in summary and "tests collected" in summary, summary
     assert "torch" in summary and "transformers" in summary  # the machine's record
-    assert "tests collected" in (tmp_path / "pytest.log").read_text()
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "tests collected" in (out / "pytest.log").read_text()
+    data = json.loads((out / "gpu_check.json").read_text())
     for name in ("sdpa", "rates", "layer_8b", "generate"):
         assert name in data and "error" not in data[name] and "skipped" not in data[name], (name, data.get(name))
     assert "skipped" in data["layer_1b"] and "skipped" in data["kernels_8b"]  # smoke: layer_8b's code path
@@ -48,7 +50,12 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert case["same_tokens_fraction"] == 1.0  # float16 on CPU: the same greedy tokens
         assert set(case["attention"]) == {"prompt", "decode"}, case["attention"]
         assert all("stock" in a and "tli" in a for a in case["attention"].values()), case["attention"]
-    assert (tmp_path / "gpu_check.md").read_text().startswith("# tli GPU check")
+    assert (out / "gpu_check.md").read_text().startswith("# tli GPU check")
+    quality = json.loads((out / "quality_results.json").read_text())
+    assert quality["preset_name"] == "gpu-window-smoke", quality["preset_name"]
+    trained = [r for r in quality["runs"] if r.get("trained")]
+    assert {"source", "tli-k2-zero"} <= {r["name"] for r in trained}, [r["name"] for r in quality["runs"]]
+    assert "[quality]" in (out / "run.log").read_text()
 
 
 def test_a_layer_that_fails_in_the_correctness_check_is_recorded_and_the_rest_kept(tmp_path):

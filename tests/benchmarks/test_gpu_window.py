@@ -2,8 +2,8 @@
 timings mean nothing): every section of gpu_check.json is filled, the layers pass their correctness check
 in float16 under the interpreter, generate() gives the same tokens stock and patched and records the
 backends, the test selection it runs on the GPU collects, the quality preset's smoke size runs and
-writes its results, and the window writes no more files than the device tool brings back (8). A layer that fails in the correctness check (Liger's,
-say) is recorded as failed and the others' errors are kept."""
+writes its results, and the window writes no more files than the device tool brings back (8). A layer
+that fails in the correctness check (Liger's, say) is recorded as failed and the others' errors kept."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 BUDGET=${TLI_WINDOW_BUDGET_S:-540}
 START=$(date +%s)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 SUMMARY="$OUT/summary.txt" LOG="$OUT/run.log" TESTLOG="$OUT/pytest.log"
 : > "$SUMMARY"; : > "$LOG"; : > "$TESTLOG"
 left() { echo $((BUDGET - ($(date +%s) - START))); }

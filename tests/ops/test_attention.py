@@ -167,6 +167,19 @@ def test_cudnn_first_for_prefill_not_for_decode_and_order_restored(as_if_on_hopp
     assert {k: v for k, v in _switches().items() if k != "order"} == {k: v for k, v in before.items() if k != "order"}
 
 
+def test_a_masked_decode_step_keeps_cudnn_first(as_if_on_hopper):
+    # Flash takes no mask, and GQA with a mask has no efficient kernel: demoting cuDNN for a padded
+    # batch's decode step would land on math (seen on an H200). Unmasked decode still moves it back.
+    torch._C._set_sdp_priority_order([CUDNN, FLASH, EFFICIENT, MATH])
+    q, k, v = _qkv(1, 9)
+    mask = _padding_mask(1, 9, "bool")
+    attention(q, k, v, attn_mask=mask, causal=True)
+    assert as_if_on_hopper[-1][0]["order"][0] == CUDNN
+    attention(q, k, v, causal=True)
+    assert as_if_on_hopper[-1][0]["order"][-1] == CUDNN
+    assert ops.sdpa_report(q, k, v, attn_mask=mask, causal=True)["tli_priority_order"] == "unchanged"
+
+
 def test_backends_the_user_disabled_stay_disabled(as_if_on_hopper):
     q, k, v = _qkv(7, 7)
     torch.backends.cuda.enable_flash_sdp(False)

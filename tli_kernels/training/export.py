@@ -147,7 +147,7 @@ def _write_own_part(fd: int, path: str, pos: int, t: OutTensor, piece: Piece, pa
     else:
         return
     for done in range(0, data.numel(), CHUNK_ELEMENTS):
-        x = data[done : done + CHUNK_ELEMENTS].float().numpy()
+        x = data[done : done + CHUNK_ELEMENTS].to(device="cpu", dtype=torch.float32).numpy()  # CUDA or CPU rows
         if factor is not None:  # (alpha, offset): the plan's arithmetic (residual.apply_fold)
             alpha, off = np.float32(factor[0]), np.float32(factor[1])
             x = (x + off) * alpha - off if factor[1] else x * alpha

@@ -188,7 +188,17 @@ def test_other_attention_implementations_get_transformers_attention_function(mod
     )  # fmt: skip
     config._attn_implementation = "tli_test_recording"
     layer_class = type(MODEL_MAPPING[type(config)](config).layers[0])
-    stock = layer_class(config, 0).to(DEVICE)
+    torch.manual_seed(0)
+    stock = layer_class(config, 0)
+    # Every parameter drawn here: a layer built directly may hold uninitialised memory (Qwen2-MoE's experts
+    # gave NaN in both outputs on an H200, 2026-12-04).
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    stock = stock.to(DEVICE)
     patched = copy.deepcopy(stock)
     patch_decoder_layer(patched)
     x, kwargs = _inputs(config)

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(["study", *argv])
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in argv)
+    import torch  # noqa: F401  (harness.accelerator() reads the GPU only where torch is already imported)
+
     env = harness.environment()
     return args.handler(args, command=command, environment=env, environment_text=harness.describe_environment(env))
 

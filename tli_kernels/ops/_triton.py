@@ -220,12 +220,23 @@ def _sm_count(device_index: int) -> int:
 INTERPRETER_REDUCTION_PROGRAMS = 4  # several, so the tests exercise the cross-program sum
 
 
+# Programs per SM of the row-reducing kernels (the norms' backward). Each walks its rows one at a time
+# with a row-wide sum between its loads and its stores, so one program per SM leaves few bytes in
+# flight: on an H200 (2026-12-04, benchmarks/tune_norm_backward.py, 8192 rows, bf16) one per SM with
+# 16-32 warps ran at 1.3-1.9 TB/s; two per SM with 8 warps each took the RMSNorm + add-RMSNorm
+# backward pair from 249 to 223 us at n = 4096 and from 192 to 144 us at n = 2048, the best or within
+# 1% of the best of 9 launches at both widths. Each program adds one float32 row of dw partials (16 KB
+# at n = 4096), noise beside the 190-320 MB the kernels move.
+PROGRAMS_PER_SM = 2
+
+
 def reduction_programs(x: torch.Tensor, rows: int) -> int:
-    """Programs for kernels that reduce over rows (the norms' dw): one per SM on a GPU (each writes an
-    fp32 row of partial sums that a second pass adds up, so more programs only add traffic), a few
-    under the interpreter, never more than there are rows."""
+    """Programs for kernels that reduce over rows (the norms' dw): PROGRAMS_PER_SM per SM on a GPU (each
+    writes an fp32 row of partial sums that a second pass adds up), a few under the interpreter, never
+    more than there are rows."""
     if x.device.type == "cuda":
-        target = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        target = PROGRAMS_PER_SM * _sm_count(index)
     else:
         target = INTERPRETER_REDUCTION_PROGRAMS
     return max(1, min(rows, target))

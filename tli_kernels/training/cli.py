@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 # The trainer imports torch; the parser must not (it is built for every `tli` command, and
 # `tli upscale` should start in a fraction of a second with a small footprint).
@@ -34,7 +36,9 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("model", metavar="MODEL", help="model folder (e.g. the output of tli upscale)")
-    t.add_argument("--output", "-o", metavar="DIR", help="checkpoint folder (without it nothing is saved)")
+    t.add_argument(
+        "--output", "-o", metavar="DIR", help="checkpoint folder (without it nothing is saved: a warning says so)"
+    )
     u = t.add_argument_group("upscale on load (MODEL is the source; as tli upscale, nothing written)")
     u.add_argument("--method", choices=METHODS, help="upscaling method applied while loading")
     u.add_argument("--k", type=int, help="tli / block-expansion: inject one layer after every K layers")
@@ -172,8 +176,6 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:  # before transformers is imported: its bars and hub downloads stay silent
-        import os
-
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from tli_kernels.training.trainer import TrainConfig, train
@@ -188,6 +190,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(dry_run(cfg, world=args.world_size).text())
         return 0
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    if not cfg.output and main_rank:
+        print(
+            f"tli train: no -o/--output, so nothing will be saved: {cfg.steps} steps, then the trained weights are "
+            "dropped (Ctrl-C now and add -o DIR to keep them)",
+            file=sys.stderr,
+        )
     result = train(cfg)
     if not result.main_process:
         return 0
@@ -202,6 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("alpha multipliers " + " ".join(f"{i}:{a:.3f}" for i, a in result.alphas.items()))
     if result.checkpoint:
         print(f"checkpoint {result.checkpoint}")
+    elif not cfg.output:
+        print("nothing was saved (no -o/--output): the trained weights are gone", file=sys.stderr)
     return 0
 
 

@@ -93,11 +93,14 @@ def windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> t
 
 
 @torch.inference_mode()
-def mean_loss(model, batches: torch.Tensor, batch_size: int = 8) -> float:
+def mean_loss(model, batches: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
     """Mean next-token cross-entropy (nats/token) over all windows, every window weighted equally."""
+    from tqdm import tqdm
+
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, batches.shape[0], batch_size):
+    starts = range(0, batches.shape[0], batch_size)
+    for i in tqdm(starts, desc="held-out", unit="batch", disable=not progress, leave=False):
         x = batches[i : i + batch_size].to(device)
         logits = model(input_ids=x).logits.float()
         loss = torch.nn.functional.cross_entropy(
@@ -106,6 +109,11 @@ def mean_loss(model, batches: torch.Tensor, batch_size: int = 8) -> float:
         total += loss.item()
         count += x[:, 1:].numel()
     return total / count
+
+
+@torch.inference_mode()
+def prompt_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).logits.float()
 
 
 @torch.inference_mode()
@@ -169,20 +177,36 @@ def read_text(path: str) -> str:
 
 
 def verify(
-    src: str, dst: str, *, text_file: str | None = None, seq_len: int = 256, max_tokens: int = 4096, batch_size: int = 8
+    src: str,
+    dst: str,
+    *,
+    text_file: str | None = None,
+    seq_len: int = 256,
+    max_tokens: int = 4096,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> VerifyReport:
-    """Load both models in float32; compare logits on a fixed prompt and held-out loss on a text."""
+    """Load each model in float32 in turn; compare logits on a fixed prompt and held-out loss on a text.
+
+    One model is in memory at a time (SRC is scored, its prompt logits kept, and freed before DST
+    loads), so the peak is the larger model, not the sum. progress: say on stderr what is being
+    loaded and scored (a bar over the held-out windows).
+    """
+    import gc
+    import sys
+
     if seq_len < 2 or max_tokens < seq_len:
         raise ValueError(f"--seq-len {seq_len} / --max-tokens {max_tokens}: need 2 <= seq-len <= max-tokens")
     text = read_text(text_file) if text_file is not None else None  # a bad --text fails before any load
+
+    def say(line: str) -> None:
+        if progress:
+            print(f"verify: {line}", file=sys.stderr, flush=True)
+
     torch.manual_seed(0)
-    model_a, tok = load_causal_lm(src)
-    model_b, _ = load_causal_lm(dst)
-    if model_a.config.vocab_size != model_b.config.vocab_size:
-        raise ValueError(
-            f"{dst}: vocab_size {model_b.config.vocab_size} differs from {src}'s {model_a.config.vocab_size}; "
-            "verify compares two models of one tokenizer"
-        )
+    say(f"loading {src} (source, float32)")
+    model, tok = load_causal_lm(src)
+    vocab = model.config.vocab_size
     if tok is not None:
         prompt = tokenize(tok, FIXED_PROMPT)[None]
         ids, text_name = heldout_ids(tok, text_file, text)
@@ -190,18 +214,36 @@ def verify(
         if text_file is not None:
             raise ValueError(f"{src} has no tokenizer, so --text cannot be tokenised")
         g = torch.Generator().manual_seed(0)
-        vocab = model_a.config.vocab_size
         prompt = torch.randint(0, vocab, (1, 32), generator=g)
         ids, text_name = torch.randint(0, vocab, (max_tokens,), generator=g), "random token ids (no tokenizer)"
     batches = windows(ids, seq_len, max_tokens)
+    src_layers, src_params = model.config.num_hidden_layers, sum(p.numel() for p in model.parameters())
+    src_logits = prompt_logits(model, prompt)
+    say(f"scoring {src} on {batches.numel()} held-out tokens")
+    src_loss = mean_loss(model, batches, batch_size, progress=progress)
+    del model
+    gc.collect()  # the source's weights go before the upscaled model's arrive
+
+    say(f"loading {dst} (upscaled, float32)")
+    model, _ = load_causal_lm(dst)
+    if model.config.vocab_size != vocab:
+        raise ValueError(
+            f"{dst}: vocab_size {model.config.vocab_size} differs from {src}'s {vocab}; "
+            "verify compares two models of one tokenizer"
+        )
+    dst_logits = prompt_logits(model, prompt)
+    if dst_logits.shape != src_logits.shape:
+        raise ValueError(f"the models' logits differ in shape: {tuple(src_logits.shape)} vs {tuple(dst_logits.shape)}")
+    say(f"scoring {dst} on {batches.numel()} held-out tokens")
+    dst_loss = mean_loss(model, batches, batch_size, progress=progress)
     return VerifyReport(
-        src_layers=model_a.config.num_hidden_layers,
-        dst_layers=model_b.config.num_hidden_layers,
-        src_params=sum(p.numel() for p in model_a.parameters()),
-        dst_params=sum(p.numel() for p in model_b.parameters()),
-        max_logit_diff=max_logit_difference(model_a, model_b, prompt),
-        src_loss=mean_loss(model_a, batches, batch_size),
-        dst_loss=mean_loss(model_b, batches, batch_size),
+        src_layers=src_layers,
+        dst_layers=model.config.num_hidden_layers,
+        src_params=src_params,
+        dst_params=sum(p.numel() for p in model.parameters()),
+        max_logit_diff=(src_logits - dst_logits).abs().max().item(),
+        src_loss=src_loss,
+        dst_loss=dst_loss,
         tokens=batches.numel(),
         text=text_name,
     )

@@ -36,8 +36,9 @@ def test_upscale_plan_inspect_verify(tmp_path, capsys):
     src = save_tiny_llama(str(tmp_path / "src"), layers=4)
     dst = tmp_path / "dst"
     code, out, err = run(
-        capsys, "upscale", src, dst, "--method", "tli", "--k", "2", "--alpha", "0.5", "--quiet", "--engine", "python"
-    )
+        capsys, "upscale", src, dst, "--method", "tli", "--k", "2", "--init", "copy", "--alpha", "0.5", "--quiet",
+        "--engine", "python",
+    )  # fmt: skip
     assert code == 0, err
     assert "6 layers" in out and f"wrote {dst}" in out
     code, out, _ = run(capsys, "inspect", dst)

@@ -29,7 +29,10 @@ checkpoint that stock transformers loads, and check it.
   tli plan SRC --method dus --m 8              show the layer map and sizes, write nothing
   tli inspect PATH                             architecture, layers, shards, dtypes, parameters
   tli verify SRC DST                           compare logits and held-out loss of two models
+  tli train DST -o CKPT --steps 1000           continued pretraining; checkpoints and a stock HF export
   tli demo                                     the whole job on the built-in SmolLM2-135M
+
+`tli COMMAND --help` for a command's options.
 """
 
 
@@ -84,12 +87,19 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (`--step 2` is not `--steps 2`); subcommands inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tli", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="tli", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tli {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required: `tli` alone prints the help with the list of commands (main), not "required: COMMAND".
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     up = sub.add_parser(
         "upscale",
@@ -106,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="native engine worker threads (default: min(CPUs, 8))")
     e.add_argument("--max-memory", default="512MB", help="working-memory budget (default 512MB)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    e.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        help="dus: write a model with fewer layers than SRC (--m above half the layers shrinks it)",
+    )
     e.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping verified shards")
     e.add_argument("--part", metavar="I/N", help="write only part I of N of the shards (finish with --resume)")
     e.add_argument("--dry-run", action="store_true", help="print what would be read and written; write nothing")
@@ -135,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--text", metavar="FILE", help="held-out text (default: the built-in King James split)")
     ver.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     ver.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score (default 4096)")
+    ver.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     demo = sub.add_parser("demo", help="materialise SmolLM2-135M, upscale it with TLI, verify it")
     demo.add_argument("--workdir", default="build/demo", help="where the models go (default build/demo)")
@@ -167,6 +183,20 @@ def check_alpha_option(alpha: float | None) -> None:
         )
 
 
+def check_alpha_applies(options: dict) -> None:
+    """--alpha scales the injected layers' output projections, which --init zero makes zero: any
+    alpha but 1 would be a silent no-op (only the provenance would record it)."""
+    from tli_kernels.methods import tli as tli_method
+
+    alpha, init = options.get("alpha"), options.get("init") or tli_method.DEFAULT_INIT
+    if alpha is not None and alpha != 1 and init == "zero":
+        default = "" if options.get("init") else " (the default)"
+        raise ValueError(
+            f"--alpha {alpha:g} has no effect with --init zero{default}: the injected layers' output projections are "
+            "zero, and so are they scaled; use --init copy, average or random with --alpha, or drop --alpha"
+        )
+
+
 def _method_kwargs(args: argparse.Namespace) -> dict:
     given = {o: getattr(args, o) for o in ALL_METHOD_OPTIONS if getattr(args, o) is not None}
     if args.method is None:
@@ -180,6 +210,8 @@ def _method_kwargs(args: argparse.Namespace) -> dict:
             f"{', '.join('--' + o.replace('_', '-') for o in allowed)})"
         )
     check_alpha_option(given.get("alpha"))
+    if args.method == "tli":
+        check_alpha_applies(given)
     return given
 
 
@@ -223,6 +255,17 @@ def _plan_summary(plan, layout) -> list[str]:
     ]
 
 
+def _shrink_text(plan, layout, method: str | None) -> str | None:
+    """A note when --method dus would write fewer layers than the source (--m above N/2): the one flag
+    method that can shrink a model by accident (passthrough and recipes list their layers)."""
+    if method != "dus" or len(plan.layers) >= layout.num_layers:
+        return None
+    return (
+        f"--method dus --m {plan.options.get('m')}: the output has {len(plan.layers)} layers, fewer than the "
+        f"source's {layout.num_layers} (layers [0, N-m) then [m, N) shrink when m > N/2)"
+    )
+
+
 def cmd_plan(args) -> int:
     from tli_kernels.methods import plan_source
     from tli_kernels.upscale import check_numbers
@@ -239,6 +282,9 @@ def cmd_plan(args) -> int:
         print()
         return 0
     print("\n".join(_plan_summary(plan, layout)))
+    shrink = _shrink_text(plan, layout, args.method)
+    if shrink:
+        print(f"note            {shrink}")
     print(f"\n{'out':>4}  {'role':<10} {'source':<8} {'init':<8} alpha")
     for e in plan.layers:
         src = ",".join(str(s) for s in e["source"]) or "-"
@@ -256,6 +302,13 @@ def cmd_upscale(args) -> int:
 
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         raise ValueError(f"--threads {args.threads}: must be between 1 and {MAX_THREADS}")
+    if args.method == "dus" and not args.allow_shrink:  # headers only: refused before anything is written
+        from tli_kernels.methods import plan_source
+
+        layout, plan = plan_source(args.src, args.method, _common(args), _method_kwargs(args))
+        shrink = _shrink_text(plan, layout, args.method)
+        if shrink:
+            raise ValueError(f"{shrink}; pass --allow-shrink if that is what you want")
     kwargs = dict(
         common=_common(args),
         options=_method_kwargs(args),
@@ -356,7 +409,14 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     from tli_kernels.evaluation import verify
 
-    report = verify(args.src, args.dst, text_file=args.text, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    report = verify(
+        args.src,
+        args.dst,
+        text_file=args.text,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        progress=not args.quiet,
+    )
     print("\n".join(report.lines()))
     return 0
 
@@ -378,7 +438,7 @@ def cmd_demo(args) -> int:
     result = upscale(src, dst, "tli", common=CommonOptions(), options=opts, overwrite=True, progress=True)
     print(f"      {len(result.plan.layers)} layers, {result.plan.num_parameters / 1e6:.1f}M parameters")
     print(f"[3/3] tli verify {src} {dst}")
-    report = verify(src, dst, max_tokens=args.max_tokens)
+    report = verify(src, dst, max_tokens=args.max_tokens, progress=True)
     print("\n".join("      " + line for line in report.lines()))
     return 0
 
@@ -394,9 +454,21 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
         handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `tli plan ... | head`: the reader has what it wanted. Silence the flush at exit and end as a
+        # program killed by SIGPIPE does (128 + 13), as `cat` would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("tli: interrupted; nothing incomplete was left looking complete (finish with --resume)", file=sys.stderr)
         return 130

@@ -117,6 +117,13 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--stop-after", type=int, metavar="STEP", help="stop (and save) after STEP; finish with --resume")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     r.add_argument(
+        "--extend-to",
+        type=int,
+        metavar="N",
+        help="with --resume: train a finished (or stopped) run on to step N; the learning rate decays on a cosine "
+        "from where it stands to the floor at N (a finished run stands at the floor and stays there)",
+    )
+    r.add_argument(
         "--export",
         choices=["final", "every", "none"],
         default="final",

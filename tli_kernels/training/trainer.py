@@ -80,6 +80,7 @@ class TrainConfig:
     save_dtype: str = "keep"  # dtype of the exported weights (keep: the checkpoint's own)
     stop_after: int | None = None  # end this run after this step (a later --resume finishes)
     resume: bool = False
+    extend_to: int | None = None  # with resume: continue past the planned steps to this step (see extended_schedule)
     seed: int = 0
     kernels: bool = False
     device: str = "auto"
@@ -96,7 +97,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} {value!r}: must be an integer")
             if value < low:
                 raise ValueError(f"--{_flag(name)} {value}: must be at least {low}")
-        for name in ("threads", "global_batch", "stop_after"):
+        for name in ("threads", "global_batch", "stop_after", "extend_to"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{_flag(name)} {value!r}: must be an integer of at least 1")
@@ -117,8 +118,11 @@ class TrainConfig:
 
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"--save-dtype {self.save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
-        if self.stop_after is not None and self.stop_after > self.steps:
-            raise ValueError(f"--stop-after {self.stop_after}: must be between 1 and --steps {self.steps}")
+        if self.extend_to is not None and not self.resume:
+            raise ValueError(f"--extend-to {self.extend_to}: continues a saved run, so it needs --resume and --output")
+        end, end_flag = (self.extend_to, "--extend-to") if self.extend_to is not None else (self.steps, "--steps")
+        if self.stop_after is not None and self.stop_after > end:
+            raise ValueError(f"--stop-after {self.stop_after}: must be between 1 and {end_flag} {end}")
         if self.resume and not self.output:
             raise ValueError("--resume needs --output (where the checkpoints are)")
         if self.eval_tokens and self.eval_tokens < self.seq_len:
@@ -134,6 +138,10 @@ class TrainConfig:
             if stray:
                 allowed = ", ".join("--" + _flag(o) for o in METHOD_OPTIONS[self.method])
                 raise ValueError(f"--{_flag(stray[0])} does not apply to --method {self.method} (it takes: {allowed})")
+            if self.method == "tli":
+                from tli_kernels.cli.main import check_alpha_applies
+
+                check_alpha_applies(self.method_options)
         if self.global_batch is not None and self.global_batch % (self.micro_batch * world):
             raise ValueError(
                 f"--global-batch {self.global_batch}: not divisible by --micro-batch {self.micro_batch} x world size "
@@ -197,6 +205,52 @@ def lr_factor(step: int, *, steps: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_factor(step: int, schedule: dict, *, warmup: int, min_ratio: float) -> float:
+    """The learning-rate factor of a run that may have been extended (--extend-to).
+
+    schedule = {"steps": the first plan's steps, "extensions": [{"start", "end", "factor"}, ...]}.
+    Before the first extension the first plan's warm-up and cosine hold; from an extension's start
+    the factor decays on a cosine from where it stood then (`factor`) to min_ratio at its end. A
+    finished run stood at the floor, so its extension trains at the floor; a run stopped early
+    (--stop-after) has the rest of its decay stretched to the new end.
+    """
+    for ext in reversed(schedule["extensions"]):
+        if step >= ext["start"]:
+            progress = min(1.0, (step - ext["start"]) / max(1, ext["end"] - ext["start"]))
+            return min_ratio + (ext["factor"] - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_factor(step, steps=schedule["steps"], warmup=warmup, min_ratio=min_ratio)
+
+
+def _is_extension(e) -> bool:
+    ints = isinstance(e, dict) and all(type(e.get(k)) is int and e[k] >= 0 for k in ("start", "end"))
+    return ints and type(e.get("factor")) in (int, float) and math.isfinite(e["factor"]) and e["start"] <= e["end"]
+
+
+def extended_schedule(cfg: TrainConfig, state: dict, path: str) -> tuple[TrainConfig, dict]:
+    """(config, schedule) of a resumed run: as saved, or extended to cfg.extend_to from the saved step."""
+    saved_steps = state["trajectory"].get("steps")
+    schedule = state.get("schedule") or {"steps": saved_steps, "extensions": []}
+    if not (
+        isinstance(schedule, dict)
+        and isinstance(schedule.get("steps"), int)
+        and isinstance(schedule.get("extensions"), list)
+        and all(_is_extension(e) for e in schedule["extensions"])
+    ):
+        raise ValueError(f"{path}: the saved learning-rate schedule is not a tli schedule")
+    if cfg.extend_to is None:
+        return cfg, schedule
+    if not isinstance(saved_steps, int) or cfg.extend_to < saved_steps:
+        raise ValueError(
+            f"--extend-to {cfg.extend_to}: the run in {path} is planned for {saved_steps} steps; extend it past that"
+        )
+    if cfg.extend_to > saved_steps:  # == saved_steps: this extension was made before (an interrupted one resumes)
+        step = state["step"]
+        factor = schedule_factor(step, schedule, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
+        extension = {"start": step, "end": cfg.extend_to, "factor": factor}
+        schedule = {**schedule, "extensions": [*schedule["extensions"], extension]}
+    return dataclasses.replace(cfg, steps=cfg.extend_to), schedule
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -319,6 +373,11 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         _quiet_transformers()
     started = time.perf_counter()
     cuda = runtime.device.type == "cuda"
+    if cfg.kernels and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"--kernels: the tli Triton kernels need a CUDA device, and this run is on {runtime.device.type} (on a "
+            "CPU they run only in Triton's interpreter, TRITON_INTERPRET=1, which is for tests: very slow)"
+        )
     if cfg.output:
         agree(runtime, lambda: checkpoints.check_output_writable(cfg.output) if runtime.main else None)
         agree(runtime, _check_output_shared, cfg.output, runtime)
@@ -330,8 +389,13 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint (step-NNNNNN/{checkpoints.MANIFEST_FILE}) in {cfg.output}")
     state = agree(runtime, _verified_state, resume_from, runtime) if resume_from else None
+    schedule = {"steps": cfg.steps, "extensions": []}
     if state is not None:
-        _check_resumable(cfg, state, runtime.world, resume_from, source)
+        extending = cfg.extend_to is not None
+        cfg, schedule = extended_schedule(cfg, state, resume_from)
+        _check_resumable(cfg, state, runtime.world, resume_from, source, extending=extending)
+    elif cfg.extend_to is not None:
+        raise ValueError(f"--extend-to {cfg.extend_to}: no checkpoint in {cfg.output} to extend")
 
     provenance = source.provenance
     injected = checkpoints.injected_layers(provenance)
@@ -361,7 +425,7 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     optimizer = _optimizer(trainee, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_factor(s, steps=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio),
+        lambda s: schedule_factor(s, schedule, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio),
     )
     result = TrainResult(main_process=runtime.main)
     start = 0
@@ -405,7 +469,7 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     def save(step: int, final: bool) -> None:
         export = cfg.export == "every" or (cfg.export == "final" and final)
         result.checkpoint = _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, step,
-                                  described, export)  # fmt: skip
+                                  described, export, schedule)  # fmt: skip
 
     trainee.train()
     if start == 0:
@@ -599,13 +663,22 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
     return state
 
 
-def _check_resumable(cfg: TrainConfig, state: dict, world: int, path: str, source: ModelSource) -> None:
+def _check_resumable(
+    cfg: TrainConfig, state: dict, world: int, path: str, source: ModelSource, extending: bool = False
+) -> None:
     saved, now = state["trajectory"], cfg.trajectory(world)
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != now[k]]
+    fields = [k for k in TRAJECTORY_FIELDS if not (extending and k == "steps")]  # the one thing --extend-to changes
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in fields if saved.get(k) != now[k]]
     if changed:
         hint = ""
         if any(c.startswith("global_batch") for c in changed):
             hint = " (on another world size keep the global batch: --global-batch, or --accum x world x --micro-batch)"
+        steps = saved.get("steps")
+        if any(c.startswith("steps") for c in changed) and isinstance(steps, int) and now["steps"] > steps:
+            hint += (
+                f" (to continue a run past its {steps} planned steps: --resume --extend-to {now['steps']}, without "
+                f"--steps; the learning rate then decays from where it stands to the floor at step {now['steps']})"
+            )
         raise ValueError(
             f"--resume from {path}: these settings differ from the run being resumed, which would change "
             f"its loss curve: {'; '.join(changed)}{hint}"
@@ -617,11 +690,12 @@ def _check_resumable(cfg: TrainConfig, state: dict, world: int, path: str, sourc
         )
     if state["step"] >= (cfg.stop_after or cfg.steps):
         raise ValueError(
-            f"--resume from {path}: it has already done {state['step']} of {cfg.stop_after or cfg.steps} steps"
+            f"--resume from {path}: it has already done {state['step']} of {cfg.stop_after or cfg.steps} steps "
+            f"(to train on: --resume --extend-to N)"
         )
 
 
-def _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, step, described, export) -> str:
+def _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, step, described, export, schedule) -> str:
     """Write OUTPUT/step-N (via step-N.tmp): DCP state from every rank, the JSON state, optionally the
     HF export, and last the manifest with every file's sha256. Nothing is renamed into place unless
     all of it was written, so --resume never sees a half-written checkpoint."""
@@ -678,6 +752,7 @@ def _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, ste
                 "trajectory": cfg.trajectory(runtime.world),
                 "plan_sha256": source.digest(),
                 "scheduler": scheduler.state_dict(),
+                "schedule": schedule,
                 "rng": _rng_state(),
                 "data": data_state,
                 "alphas": {str(i): a for i, a in alphas.items()},

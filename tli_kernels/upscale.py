@@ -234,5 +234,5 @@ def _progress_bar(total: int, method: str):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"upscale ({method})", dynamic_ncols=True
+        total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"upscale ({method})", dynamic_ncols=True
     )

@@ -120,3 +120,27 @@ def test_verify_says_what_it_does_and_holds_one_model_at_a_time(src, tmp_path, c
     src_loss, dst_loss = evaluation.mean_loss(a, batches), evaluation.mean_loss(b, batches)
     assert f"source {src_loss:.4f}  upscaled {dst_loss:.4f}" in out
     assert run(capsys, "verify", src, dst, "--seq-len", "32", "--max-tokens", "128", "--quiet")[2] == ""
+
+
+def test_the_progress_bar_counts_in_mb_as_the_summary_does(src, tmp_path, capsys):
+    from tqdm import tqdm
+
+    from tli_kernels.methods import plan_source
+
+    _, plan = plan_source(src, "tli", None, {"k": 2})
+    total = sum(s.data_bytes for s in plan.shards)
+    assert tqdm.format_sizeof(total, divisor=1000) != tqdm.format_sizeof(total, divisor=1024)
+    code, out, err = run(capsys, "upscale", src, tmp_path / "dst", "--method", "tli", "--k", "2")
+    assert code == 0, err
+    size = tqdm.format_sizeof(total, divisor=1000)
+    assert f"| {size}/{size} [" in err  # kB as the summary's MB / GB, not KiB
+
+
+def test_a_recipe_plan_header_says_what_the_recipe_is(src, tmp_path, capsys):
+    code, recipe, err = run(capsys, "plan", src, "--method", "dus", "--m", "1", "--recipe")
+    assert code == 0, err
+    path = tmp_path / "r.yml"
+    path.write_text(recipe)
+    code, out, err = run(capsys, "plan", path)
+    assert code == 0, err
+    assert "method          recipe (2 slices from 1 model, passthrough)" in out

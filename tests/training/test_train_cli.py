@@ -31,9 +31,13 @@ def test_without_output_it_warns_before_training_and_after(token_files, tiny_tli
     assert "nothing was saved (no -o/--output)" in after
 
 
-def test_with_output_there_is_no_warning(token_files, tiny_tli, tmp_path, capsys):
+def test_with_output_there_is_no_warning_and_the_export_has_a_model_card(token_files, tiny_tli, tmp_path, capsys):
     assert main(["train", tiny_tli, "--steps", "1", "-o", str(tmp_path / "o"), *_flags(token_files)]) == 0
     assert "nothing" not in capsys.readouterr().err
+    card = (tmp_path / "o" / "step-000001" / "README.md").read_text()
+    assert card.startswith("---\ntags:\n- tli\n- continued-pretraining\nlibrary_name: transformers\n---\n")
+    assert "trained with tli" in card and "1 optimizer steps" in card and "| 1 | 64 |" in card
+    assert "stored as F32, so `tli verify` or any scoring of this folder gives a slightly different number." in card
 
 
 @pytest.fixture

@@ -242,9 +242,18 @@ def _gb(n: int) -> str:
     return f"{n} B"
 
 
+def _recipe_text(recipe: dict) -> str:
+    """`2 slices from 1 model, passthrough`: what a recipe is, in the plan's header."""
+    parts = recipe.get("slices") or []
+    sources = [src for part in parts for src in part.get("sources", [])] or recipe.get("models", [])
+    models = len({src.get("model") for src in sources})
+    what = f"{len(parts)} slice{'s' * (len(parts) != 1)}" if parts else "whole model"
+    return f"({what} from {models} model{'s' * (models != 1)}, {recipe.get('merge_method', 'passthrough')})"
+
+
 def _plan_summary(plan, layout) -> list[str]:
     models = len(getattr(layout, "sources", None) or [layout])
-    options = json.dumps(plan.options) if plan.method != "recipe" else f"({len(plan.options['recipe'])} keys)"
+    options = json.dumps(plan.options) if plan.method != "recipe" else _recipe_text(plan.options["recipe"])
     return [
         f"method          {plan.method} {options}",
         f"source          {f'{models} models, ' if models > 1 else ''}{layout.num_layers} layers, "

@@ -218,6 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("alpha multipliers " + " ".join(f"{i}:{a:.3f}" for i, a in result.alphas.items()))
     if result.checkpoint:
         print(f"checkpoint {result.checkpoint}")
+        if evals and cfg.export != "none":
+            print("(the held-out loss is of the float32 weights in training; the export, in its saved dtype, "
+                  "scores slightly differently: README.md in the checkpoint)")  # fmt: skip
     elif not cfg.output:
         print("nothing was saved (no -o/--output): the trained weights are gone", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from torch import nn
 
 from tli_kernels.checkpoint.executor_python import PARTIAL_SUFFIX, _pwrite_all, f32_to_bytes, fsync_dir
 from tli_kernels.checkpoint.layout import CONFIG_NAME, INCOMPLETE_MARKER, INDEX_NAME, PROVENANCE_NAME
+from tli_kernels.checkpoint.model_card import CARD_NAME
 from tli_kernels.checkpoint.plan import OutShard, OutTensor, SurgeryPlan, pack_shards, write_json_atomic
 from tli_kernels.training.distributed import Runtime, agree
 from tli_kernels.training.residual import fold_factors
@@ -52,11 +53,13 @@ def export_model(
     provenance: dict | None,
     extra_json: dict[str, dict],
     dtype: str = "keep",
+    training: dict | None = None,
 ) -> None:
     """Write lm's weights (every rank its rows) into folder as a finished Hugging Face model folder.
 
     scales: alpha per layer to fold into its branch outputs; extra_json: file name -> object
-    written beside (tli_training.json). Collective: every rank must call it.
+    written beside (tli_training.json); training: the run's record, for the model card (README.md).
+    Collective: every rank must call it.
     """
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"--save-dtype {dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
@@ -117,6 +120,10 @@ def export_model(
             write_json_atomic(os.path.join(folder, PROVENANCE_NAME), provenance)
         for name, obj in extra_json.items():
             write_json_atomic(os.path.join(folder, name), obj)
+        if training is not None:
+            stored = sorted({t.dtype for s in shards for t in s.tensors})
+            with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(training_card(training, stored))
         config = dict(source.plan.config)
         if repacked and SAVE_DTYPES[dtype]:
             for key in ("torch_dtype", "dtype"):
@@ -130,6 +137,46 @@ def export_model(
     agree(runtime, lay_out)
     agree(runtime, write_rows)
     agree(runtime, finish)
+
+
+def training_card(training: dict, stored_dtypes: list[str]) -> str:
+    """README.md of a training export: what was trained from what, on which data, how far, the
+    held-out losses, and why scoring this folder gives a slightly different number than the run."""
+    import yaml
+
+    from tli_kernels.checkpoint.hub import hub_id_of_folder
+
+    base = training.get("base_model") or "?"
+    hub = hub_id_of_folder(base) if os.path.isdir(base) else None
+    front = {"base_model": [hub] if hub else None, "tags": ["tli", "continued-pretraining"]}
+    front["library_name"] = "transformers"
+    meta = yaml.safe_dump({k: v for k, v in front.items() if v}, sort_keys=False).rstrip()
+    method = training.get("method")
+    made = f", upscaled on load with `--method {method}` {training.get('method_options')}" if method else ""
+    lines = [
+        "---", meta, "---",
+        f"# {os.path.basename(base.rstrip('/'))}, trained with tli",
+        "",
+        f"Continued pretraining with tli {training.get('version')} of `{base}`{made}: {training.get('step')} "
+        f"optimizer steps, {training.get('tokens', 0):,} tokens of {training.get('train_data')}, "
+        f"{training.get('trainable_parameters', 0) / 1e6:.1f}M trainable parameters on {training.get('world_size')} "
+        "process(es). It loads in stock transformers (`AutoModelForCausalLM.from_pretrained`); learnt residual "
+        "scales (alpha), if any, are folded into the weights.",
+    ]  # fmt: skip
+    evals = training.get("evals") or []
+    if evals:
+        lines += ["", f"## Held-out loss ({training.get('heldout_data')}, {training.get('heldout_tokens')} tokens)", ""]
+        lines += ["| step | tokens | loss (nats/token) |", "|--:|--:|--:|"]
+        lines += [f"| {e['step']} | {e['tokens']:,} | {e['heldout_loss']:.4f} |" for e in evals]
+        lines += [
+            "",
+            f"These losses were measured during training, on the float32 master weights (under bf16 autocast "
+            f"on a GPU). The weights here are stored as {', '.join(stored_dtypes)}, so `tli verify` or any "
+            "scoring of this folder gives a slightly different number"
+            + (" (rounding of every weight to that dtype)." if stored_dtypes != ["F32"] else "."),
+        ]
+    lines += ["", "The whole run's settings: `tli_training.json`; provenance of the model: `tli_provenance.json`."]
+    return "\n".join(lines) + "\n"
 
 
 def _write_own_part(fd: int, path: str, pos: int, t: OutTensor, piece: Piece, param, factor: tuple | None) -> None:

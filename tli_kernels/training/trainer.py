@@ -740,7 +740,8 @@ def _save(cfg, runtime, trainee, optimizer, scheduler, source, data, result, ste
                     "trained_steps": step,
                 }
             export_model(trainee.lm, source, tmp, runtime, scales=alphas, provenance=new_provenance,
-                         extra_json={checkpoints.TRAINING_FILE: training}, dtype=cfg.save_dtype)  # fmt: skip
+                         extra_json={checkpoints.TRAINING_FILE: training}, dtype=cfg.save_dtype,
+                         training=training)  # fmt: skip
         data_state = data.state(step)
 
         def finish() -> None:

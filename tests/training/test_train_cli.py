@@ -111,3 +111,10 @@ def test_kernels_on_a_cpu_are_refused_outside_the_interpreter(cfg, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="--kernels: the tli Triton kernels need a CUDA device, and this run is on"):
         train(cfg(kernels=True, device="cpu"))
+
+
+def test_train_refuses_a_dus_that_shrinks_the_model_without_allow_shrink(cfg, tiny_source):
+    shrinking = dict(model=tiny_source, method="dus", method_options={"m": 3}, steps=1, output=None)
+    with pytest.raises(ValueError, match="the output has 2 layers, fewer than the source's 4.*--allow-shrink"):
+        train(cfg(**shrinking))
+    assert train(cfg(**shrinking, allow_shrink=True)).steps_done == 1

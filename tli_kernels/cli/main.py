@@ -264,7 +264,7 @@ def _plan_summary(plan, layout) -> list[str]:
     ]
 
 
-def _shrink_text(plan, layout, method: str | None) -> str | None:
+def shrink_note(plan, layout, method: str | None) -> str | None:
     """A note when --method dus would write fewer layers than the source (--m above N/2): the one flag
     method that can shrink a model by accident (passthrough and recipes list their layers)."""
     if method != "dus" or len(plan.layers) >= layout.num_layers:
@@ -291,7 +291,7 @@ def cmd_plan(args) -> int:
         print()
         return 0
     print("\n".join(_plan_summary(plan, layout)))
-    shrink = _shrink_text(plan, layout, args.method)
+    shrink = shrink_note(plan, layout, args.method)
     if shrink:
         print(f"note            {shrink}")
     print(f"\n{'out':>4}  {'role':<10} {'source':<8} {'init':<8} alpha")
@@ -315,7 +315,7 @@ def cmd_upscale(args) -> int:
         from tli_kernels.methods import plan_source
 
         layout, plan = plan_source(args.src, args.method, _common(args), _method_kwargs(args))
-        shrink = _shrink_text(plan, layout, args.method)
+        shrink = shrink_note(plan, layout, args.method)
         if shrink:
             raise ValueError(f"{shrink}; pass --allow-shrink if that is what you want")
     kwargs = dict(

@@ -49,6 +49,9 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--layers", help="passthrough: layer list such as 0-15,8-23")
     u.add_argument("--experts", type=int, help="moe-upcycle: experts per layer")
     u.add_argument("--top-k", dest="top_k", type=int, help="moe-upcycle: experts per token")
+    u.add_argument(
+        "--allow-shrink", action="store_true", help="dus: train a model with fewer layers than MODEL (m > N/2)"
+    )
     u.add_argument("--init-seed", type=int, metavar="N", default=0, help="seed of random initialisations (default 0)")
     d = t.add_argument_group("data")
     d.add_argument("--text", dest="text_file", metavar="FILE", help="training text (default: King James train split)")

@@ -50,6 +50,7 @@ class TrainConfig:
     method: str | None = None  # upscale MODEL on load with this method (tli, dus, ...); None: load as is
     method_options: dict = field(default_factory=dict)  # the method's options (k, init, alpha, m, ...)
     init_seed: int = 0  # seed of the method's random initialisations (tli upscale --seed)
+    allow_shrink: bool = False  # --method dus with m > N/2 makes fewer layers than MODEL: refused unless True
     text_file: str | None = None  # training text (default: the King James train split)
     data_file: str | None = None  # or token ids (.npy / .pt), or documents (.txt/.jsonl/.parquet/datasets dir)
     text_field: str = "text"  # the text column of JSONL / Parquet / datasets documents
@@ -385,6 +386,12 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     # Everything about the model comes from its plan (headers only): nothing is read yet.
     source = agree(runtime, open_source, cfg.model, cfg.method, cfg.method_options, seed=cfg.init_seed)
     _check_same_plan(source, runtime)
+    if cfg.method == "dus" and not cfg.allow_shrink:
+        from tli_kernels.cli.main import shrink_note
+
+        shrink = shrink_note(source.plan, source.layout, cfg.method)
+        if shrink:
+            raise ValueError(f"{shrink}; pass --allow-shrink if that is what you want")
     resume_from = checkpoints.latest_checkpoint(cfg.output) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint (step-NNNNNN/{checkpoints.MANIFEST_FILE}) in {cfg.output}")

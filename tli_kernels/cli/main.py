@@ -192,8 +192,8 @@ def check_alpha_applies(options: dict) -> None:
     if alpha is not None and alpha != 1 and init == "zero":
         default = "" if options.get("init") else " (the default)"
         raise ValueError(
-            f"--alpha {alpha:g} has no effect with --init zero{default}: the injected layers' output projections are "
-            "zero, and so are they scaled; use --init copy, average or random with --alpha, or drop --alpha"
+            f"--alpha {alpha:g} has no effect with --init zero{default}: the injected layers' output projections "
+            "are zero, and a scaled zero is zero; use --init copy, average or random with --alpha, or drop --alpha"
         )
 
 

@@ -401,8 +401,6 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         extending = cfg.extend_to is not None
         cfg, schedule = extended_schedule(cfg, state, resume_from)
         _check_resumable(cfg, state, runtime.world, resume_from, source, extending=extending)
-    elif cfg.extend_to is not None:
-        raise ValueError(f"--extend-to {cfg.extend_to}: no checkpoint in {cfg.output} to extend")
 
     provenance = source.provenance
     injected = checkpoints.injected_layers(provenance)

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--text", metavar="FILE", help="held-out text (default: the built-in King James split)")
     ver.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     ver.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score (default 4096)")
-    ver.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ver.add_argument("--quiet", action="store_true", help="no progress on stderr (shown when it is a terminal)")
 
     demo = sub.add_parser("demo", help="materialise SmolLM2-135M, upscale it with TLI, verify it")
     demo.add_argument("--workdir", default="build/demo", help="where the models go (default build/demo)")
@@ -424,7 +424,7 @@ def cmd_verify(args) -> int:
         text_file=args.text,
         seq_len=args.seq_len,
         max_tokens=args.max_tokens,
-        progress=not args.quiet,
+        progress=not args.quiet and sys.stderr.isatty(),  # at a terminal; a script's stderr keeps only errors
     )
     print("\n".join(report.lines()))
     return 0

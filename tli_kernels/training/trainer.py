@@ -367,7 +367,9 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     start = 0
     bytes_read = 0
     if state is not None:
-        distributed.load_state(trainee, optimizer, os.path.join(resume_from, checkpoints.STATE_DIR))
+        state_files = {n[len(checkpoints.STATE_DIR) + 1 :] for n in state["_listed"]
+                       if n.startswith(checkpoints.STATE_DIR + "/")}  # fmt: skip
+        distributed.load_state(trainee, optimizer, os.path.join(resume_from, checkpoints.STATE_DIR), state_files)
         _set_alphas(trainee, {int(i): a for i, a in state["alphas"].items()})
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -584,6 +586,7 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
     """The checkpoint's state after every file's sha256 matched its manifest (ranks split the files)."""
     manifest = checkpoints.read_manifest(path)
     names = sorted(manifest["files"])
+    checkpoints.check_listed(path, manifest)
     checkpoints.verify_files(path, manifest, names[runtime.rank :: runtime.world])
     if checkpoints.STATE_FILE not in manifest["files"]:
         raise ValueError(f"{path}: the manifest lists no {checkpoints.STATE_FILE}")
@@ -596,6 +599,7 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
             raise ValueError(f"{state_path}: {key!r} missing or not a {kind.__name__}; not a tli training state")
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"{state_path}: format {state['format']}, this tli reads {STATE_FORMAT}")
+    state["_listed"] = names
     return state
 
 

@@ -149,3 +149,16 @@ def test_an_extra_file_or_link_in_a_checkpoint_is_refused(cfg, tmp_path):
     os.unlink(extra)
     result = train(cfg(output=out, resume=True))  # the untouched checkpoint still resumes
     assert result.steps_done == 4 and len(result.history) == 4
+
+
+def test_a_second_run_in_one_output_folder_is_refused(cfg, tmp_path):
+    from tli_kernels.checkpoint.errors import CheckpointError
+    from tli_kernels.checkpoint.outdir import OutputDir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputDir(str(out)) as holder:
+        holder.lock()
+        with pytest.raises(CheckpointError, match=rf"{out}: is being written by process {os.getpid()}"):
+            train(cfg(output=str(out)))
+    assert os.listdir(out) == []

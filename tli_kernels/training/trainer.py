@@ -10,6 +10,7 @@ A accumulated micro-batches on one process sees the same windows as A ranks with
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tli_kernels import __version__
+from tli_kernels.checkpoint.outdir import OutputDir
 from tli_kernels.training import checkpoints, distributed
 from tli_kernels.training.distributed import agree
 from tli_kernels.training.export import export_model
@@ -302,14 +304,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime = distributed.setup(cfg.device)
     ok = False
     try:
-        result = _train(cfg, runtime)
+        with contextlib.ExitStack() as held:
+            result = _train(cfg, runtime, held)
         ok = True
         return result
     finally:
         runtime.close(ok=ok)
 
 
-def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
+def _lock_output(output: str, runtime: distributed.Runtime, held: contextlib.ExitStack) -> None:
+    """One run per output folder (rank 0 holds a flock on it until the run ends): a second `tli train
+    -o` of the same folder, or a second --resume of it, is refused at once, naming the holder."""
+    if runtime.main:
+        folder = OutputDir(output)
+        held.callback(folder.close)
+        folder.lock()
+
+
+def _train(cfg: TrainConfig, runtime: distributed.Runtime, held: contextlib.ExitStack) -> TrainResult:
     cfg.check(runtime.world)
     if not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"MODEL {cfg.model}: no such folder")
@@ -321,6 +333,7 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     cuda = runtime.device.type == "cuda"
     if cfg.output:
         agree(runtime, lambda: checkpoints.check_output_writable(cfg.output) if runtime.main else None)
+        agree(runtime, _lock_output, cfg.output, runtime, held)
         agree(runtime, _check_output_shared, cfg.output, runtime)
 
     # Everything about the model comes from its plan (headers only): nothing is read yet.

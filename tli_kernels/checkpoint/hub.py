@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CONFIG_NAME, INDEX_NAME, SIDE_FILES, SINGLE_NAME, CheckpointLayout
 from tli_kernels.checkpoint.torch_bin import BIN_INDEX_NAME, BIN_SINGLE_NAME
+from tli_kernels.checkpoint.validate import read_regular
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _CACHE_FOLDER = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[0-9a-f]{40}/?\Z")
@@ -160,8 +161,14 @@ def hub_snapshot(ref: ModelRef) -> str:
     name = ref.text
     found, lacking = None, []
     try:
-        found = snapshot_download(ref.path, revision=ref.revision, cache_dir=cache, local_files_only=True)
+        # tli reads the ref itself first: a FIFO there would block huggingface_hub's open() for ever,
+        # and a trailing newline (an edited ref) would make it miss a snapshot that is there.
+        found = _cached_snapshot(where, ref.revision)
+        if found is None:
+            found = snapshot_download(ref.path, revision=ref.revision, cache_dir=cache, local_files_only=True)
         lacking = missing_weights(found)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means "not (completely) cached"
         lacking = [_first_line(e)]
     if found and not lacking:
@@ -189,6 +196,35 @@ def hub_snapshot(ref: ModelRef) -> str:
     if lacking:
         raise CheckpointError(f"Hub model {name}: the repository has no {', '.join(lacking[:3])}", folder)
     return folder
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}\Z")
+
+
+def _cached_snapshot(repo_folder: str, revision: str | None) -> str | None:
+    """The cached snapshot folder of revision (default main), or None when the cache has none.
+
+    refs/<revision> must be a regular file of at most 1 KiB holding a commit hash (surrounding white
+    space, such as a trailing newline, is accepted); anything else is refused naming the file."""
+    revision = revision or "main"
+    if _COMMIT.match(revision):
+        commit = revision
+    else:
+        if ".." in revision.split("/") or revision.startswith("/"):
+            raise ValueError(f"@{revision}: not a revision name")
+        ref_path = os.path.join(repo_folder, "refs", revision)
+        if not os.path.lexists(ref_path):
+            return None
+        raw = read_regular(ref_path, "Hub cache ref", limit=1024)
+        commit = raw.decode("ascii", errors="replace").strip()
+        if not _COMMIT.match(commit):
+            raise CheckpointError(
+                f"does not hold a commit hash ({commit[:60]!r}); the Hugging Face cache is damaged: delete "
+                f"{repo_folder} to download the model again",
+                ref_path,
+            )
+    folder = os.path.join(repo_folder, "snapshots", commit)
+    return folder if os.path.isdir(folder) else None
 
 
 def _hub_unreachable() -> str | None:

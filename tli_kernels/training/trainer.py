@@ -136,6 +136,11 @@ class TrainConfig:
             if stray:
                 allowed = ", ".join("--" + _flag(o) for o in METHOD_OPTIONS[self.method])
                 raise ValueError(f"--{_flag(stray[0])} does not apply to --method {self.method} (it takes: {allowed})")
+        inputs = [("--text", self.text_file, False), ("--eval-text", self.eval_text_file, False),
+                  ("--data", self.data_file, True), ("--eval-data", self.eval_data_file, True)]  # fmt: skip
+        for flag, path, folder_ok in inputs:
+            if path is not None:
+                _check_input_file(flag, path, folder_ok)
         if self.global_batch is not None and self.global_batch % (self.micro_batch * world):
             raise ValueError(
                 f"--global-batch {self.global_batch}: not divisible by --micro-batch {self.micro_batch} x world size "
@@ -161,6 +166,24 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check_input_file(flag: str, path: str, folder_ok: bool) -> None:
+    """A data or text path must be a regular file (or, for --data, a folder): a FIFO would block the
+    run for ever and /dev/zero never end. Refused up front, before anything is loaded."""
+    import stat
+
+    from tli_kernels.checkpoint.validate import file_kind
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file{' or folder' if folder_ok else ''}") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):
+        return
+    raise ValueError(f"{flag} {path}: is {file_kind(st.st_mode)}, not a regular file; tli reads only regular files")
 
 
 def _check_float(flag: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:

@@ -54,8 +54,9 @@ def make_source(path: str) -> None:
 
 def tli(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": code}
-    return subprocess.run([sys.executable, "-m", "tli_kernels.cli.main", *args], env=env, capture_output=True,
-                          text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tli_kernels.cli.main", *args], env=env, capture_output=True, text=True, cwd=code
+    )  # fmt: skip (cwd: `-m` and `-c` put it first on sys.path)
 
 
 def same_output(dst: str, ref: str) -> bool:
@@ -86,7 +87,7 @@ def trial(code: str, src: str, ref: str, work: str, engine: str, scenario: str) 
             os.unlink(path)
     env = {**os.environ, "PYTHONPATH": code}
     procs = [subprocess.Popen([sys.executable, "-c", RACER, go, ready[i], *args], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+                              stderr=subprocess.PIPE, text=True, cwd=code) for i in range(2)]  # fmt: skip
     while not all(os.path.exists(r) for r in ready):  # both have imported tli and wait on the go file
         if any(p.poll() is not None for p in procs):
             break
@@ -118,6 +119,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="tli-race-")
+    a.code = os.path.abspath(a.code)
     sys.path.insert(0, a.code)
     src, ref = os.path.join(work, "src"), os.path.join(work, "ref")
     make_source(src)

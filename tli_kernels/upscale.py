@@ -230,20 +230,27 @@ def check_numbers(plan: SurgeryPlan) -> None:
     """Refuse op constants that float32 cannot hold (the executors compute in float32): they would
     write inf or NaN weights into an output that looks finished. Overflow that depends on the
     weights themselves (a finite but large --alpha, a narrow --dtype) is caught by the executors,
-    element by element (executor_python.overflow_message)."""
+    element by element (executor_python.overflow_message). The message names what set the constant:
+    --alpha, a recipe's scale, or the config's initializer_range."""
+    recipe = plan.method == "recipe"
     for t in plan.tensors():
         op = t.op
         if op.kind in ("scale", "average") and not _fits_f32(op.factor):
+            what = f"scale {op.factor:g} (the recipe's parameters)" if recipe else f"--alpha {op.factor:g}"
             raise ValueError(
-                f"--alpha {op.factor:g}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); "
-                f"{t.name} would be inf or NaN"
+                f"{what}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); {t.name} would be inf or NaN"
             )
         if op.kind == "fill" and not _fits_f32(op.value):
             raise ValueError(f"{t.name}: fill value {op.value:g} is not a finite float32")
         if op.kind == "uniform" and not _fits_f32(op.bound):
+            init_range = (plan.config or {}).get("initializer_range")
+            if isinstance(init_range, (int, float)) and not _fits_f32(float(init_range) * math.sqrt(3)):
+                fix = f"the config's initializer_range {init_range:g} is too large: correct it in config.json"
+            else:
+                fix = "use a smaller --alpha"
             raise ValueError(
                 f"{t.name}: random init bound {op.bound:g} (initializer_range x sqrt(3) x --alpha) is beyond "
-                f"float32 (largest {F32_MAX:.4g}); use a smaller --alpha"
+                f"float32 (largest {F32_MAX:.4g}); {fix}"
             )
 
 

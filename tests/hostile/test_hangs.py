@@ -58,6 +58,14 @@ def test_a_yaml_alias_bomb_is_refused_unexpanded(tmp_path, command):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_deeply_nested_recipe_is_refused_naming_it(tmp_path):
+    """3000 nested lists overflowed Python's recursion ('maximum recursion depth exceeded', no file)."""
+    recipe = tmp_path / "nest.yml"
+    recipe.write_text("merge_method: passthrough\nslices: " + "[" * 3000 + "]" * 3000 + "\n")
+    line = one_error_line(run_limited(["plan", str(recipe)]))
+    assert f"{recipe}: not valid YAML (nested more than 64 levels deep" in line, line
+
+
 def test_a_recipe_may_still_reuse_a_value_through_an_alias(tmp_path):
     from tli_kernels.methods.recipe import load_recipe
 

@@ -172,6 +172,7 @@ def hub_snapshot(ref: ModelRef) -> str:
     except Exception as e:  # noqa: BLE001 - any failure here means "not (completely) cached"
         lacking = [_first_line(e)]
     if found and not lacking:
+        check_blobs(found)
         return found
     if hub_offline():
         what = (
@@ -195,7 +196,46 @@ def hub_snapshot(ref: ModelRef) -> str:
     lacking = missing_weights(folder)
     if lacking:
         raise CheckpointError(f"Hub model {name}: the repository has no {', '.join(lacking[:3])}", folder)
+    check_blobs(folder)
     return folder
+
+
+BLOB_CHECK_BYTES = 64 << 20  # blobs up to this size are hashed whole each time a snapshot is opened
+
+
+def check_blobs(snapshot: str) -> None:
+    """Each cached file that links to a blob named by its hash (sha256 for LFS files, git's sha1 for
+    the others) must still hash to that name: a damaged or edited blob is refused, naming it.
+    Blobs over BLOB_CHECK_BYTES (the weights of anything but a tiny model) are not hashed here: that
+    would read the whole model on every command; the source identity record samples them instead."""
+    import hashlib
+
+    for name in sorted(os.listdir(snapshot)):
+        path = os.path.join(snapshot, name)
+        if not os.path.islink(path):
+            continue
+        blob = os.path.realpath(path)
+        digest = os.path.basename(blob)
+        if os.path.basename(os.path.dirname(blob)) != "blobs" or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", digest):
+            continue
+        try:
+            size = os.stat(blob).st_size
+        except OSError:
+            continue  # a dangling link: reported as a missing file by whoever opens it
+        if size > BLOB_CHECK_BYTES:
+            continue
+        data = read_regular(blob, "Hub cache blob", limit=BLOB_CHECK_BYTES)
+        if len(digest) == 64:
+            actual = hashlib.sha256(data).hexdigest()
+        else:
+            actual = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        if actual != digest:
+            raise CheckpointError(
+                f"its content does not match the hash it is named by in the Hugging Face cache (now "
+                f"{actual[:12]}...); the cache is damaged or was edited: delete {blob} (and the snapshot's link "
+                f"{path}) to download it again",
+                blob,
+            )
 
 
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")

@@ -160,6 +160,7 @@ def is_recipe_path(src: str) -> bool:
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; mergekit's largest published ones are ~20 KB
 MAX_ALIAS_NODES = 10_000  # YAML nodes that aliases (*name) may add in all: a 500-byte alias bomb adds 10^9
+MAX_NESTING = 64  # lists and mappings inside each other; deeper overflows Python's recursion when built
 
 
 def load_recipe(path: str) -> Recipe:
@@ -204,6 +205,18 @@ def _bounded_loader():
             return self._sizes[key]
 
         def compose_node(self, parent, index):
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > MAX_NESTING:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested more than {MAX_NESTING} levels deep; a recipe needs a handful",
+                        self.peek_event().start_mark,
+                    )  # fmt: skip
+                return self._compose_bounded(parent, index)
+            finally:
+                self._depth -= 1
+
+        def _compose_bounded(self, parent, index):
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
                 node = self.anchors.get(event.anchor)

@@ -233,6 +233,13 @@ class _LineCorpus:
         value = obj.get(self.field) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             raise ValueError(f"--data {path}: line at byte {offset} has no string field {self.field!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, not text
+            raise ValueError(
+                f"--data {path}: line at byte {offset}: field {self.field!r} holds a lone surrogate "
+                f"(\\u{ord(value[e.start]):04x}), which is not Unicode text"
+            ) from None
         return value
 
 
@@ -497,6 +504,13 @@ class TrainingData:
                 heldout_ids_ = _read_heldout(corpus, train_units, tokenizer, eval_tokens)
                 self.heldout_name = f"{data_file} (held out: units [{train_units}, {corpus.units}))"
                 if heldout_ids_.numel() < seq_len:
+                    if corpus.align(corpus.units // 2) >= corpus.units:  # no document starts in the last half
+                        unit = "line" if isinstance(corpus, _LineCorpus) else "row"
+                        raise ValueError(
+                            f"--data {data_file}: no {unit} starts in its last half (one long {unit}: no line break), "
+                            "so no document can be held out whatever --heldout-fraction is; give held-out text with "
+                            "--eval-text or --eval-data, or break the text into lines"
+                        )
                     raise ValueError(
                         f"--data {data_file}: the held-out {heldout_fraction:g} holds {heldout_ids_.numel()} tokens, "
                         f"less than one window of --seq-len {seq_len}; raise --heldout-fraction"

@@ -10,6 +10,7 @@ A accumulated micro-batches on one process sees the same windows as A ranks with
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import dataclasses
 import logging
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from tli_kernels import __version__
 from tli_kernels.checkpoint.outdir import OutputDir
+from tli_kernels.checkpoint.validate import is_number
 from tli_kernels.training import checkpoints, distributed
 from tli_kernels.training.distributed import agree
 from tli_kernels.training.export import export_model
@@ -136,6 +138,8 @@ class TrainConfig:
             if stray:
                 allowed = ", ".join("--" + _flag(o) for o in METHOD_OPTIONS[self.method])
                 raise ValueError(f"--{_flag(stray[0])} does not apply to --method {self.method} (it takes: {allowed})")
+            if self.method_options.get("alpha") is not None:  # as tli upscale: refused up front, whatever --init
+                _check_float("alpha", self.method_options["alpha"])
         inputs = [("--text", self.text_file, False), ("--eval-text", self.eval_text_file, False),
                   ("--data", self.data_file, True), ("--eval-data", self.eval_data_file, True)]  # fmt: skip
         for flag, path, folder_ok in inputs:
@@ -280,14 +284,32 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_unb64(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+def _decode_rng_state(state: dict) -> tuple:
+    """(torch, cuda, python, numpy) states from _rng_state's JSON, each checked as its setter needs
+    it (so an edited file is refused naming it, before anything is restored)."""
+    if not isinstance(state, dict):
+        raise TypeError("not a mapping")
+    cpu = _unb64(state["torch"])
+    if cpu.numel() != torch.get_rng_state().numel():
+        raise ValueError(f"torch state of {cpu.numel()} bytes")
+    cuda = [_unb64(s) for s in state["cuda"]]
     version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    python = (version, tuple(internal), gauss_next)
+    random.Random().setstate(python)  # checks it without touching the global generator
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.frombuffer(base64.b64decode(keys), dtype="<u4").copy(), pos, has_gauss, gauss))
+    numpy_state = (name, np.frombuffer(base64.b64decode(keys, validate=True), dtype="<u4").copy(), pos, has_gauss,
+                   gauss)  # fmt: skip
+    np.random.RandomState().set_state(numpy_state)
+    return cpu, cuda, python, numpy_state
+
+
+def _set_rng_state(state: dict) -> None:
+    cpu, cuda, python, numpy_state = _decode_rng_state(state)
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -295,7 +317,10 @@ def _b64(t: torch.Tensor) -> str:
 
 
 def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    raw = base64.b64decode(text, validate=True)
+    if not raw:
+        raise ValueError("an empty state")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -635,6 +660,35 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
             raise ValueError(f"{state_path}: {key!r} missing or not a {kind.__name__}; not a tli training state")
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"{state_path}: format {state['format']}, this tli reads {STATE_FORMAT}")
+    if manifest.get("plan_sha256") != state["plan_sha256"]:
+        raise ValueError(
+            f"{state_path}: plan {state['plan_sha256'][:12]}, its manifest says another; not saved together"
+        )
+    saved_at = int(os.path.basename(os.path.normpath(path)).partition("-")[2] or -1)
+    if state["step"] < 1 or state["step"] != manifest.get("step") or state["step"] != saved_at:
+        raise ValueError(
+            f"{state_path}: step {state['step']}, but the checkpoint is {os.path.basename(path)} (manifest step "
+            f"{manifest.get('step')}); not the state tli saved there"
+        )
+    bad = [k for k, v in state["alphas"].items() if not k.isdigit() or not is_number(v) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{state_path}: alphas entry {bad[0][:40]!r} is not a layer index with a finite number")
+    sched = state["scheduler"]
+    if sched.get("last_epoch") != state["step"] or not (
+        isinstance(sched.get("base_lrs"), list) and sched["base_lrs"] and all(is_number(x) for x in sched["base_lrs"])
+    ):
+        raise ValueError(
+            f"{state_path}: 'scheduler' is not the learning-rate schedule tli saves at step {state['step']}"
+        )
+    for key in ("history", "evals"):
+        if not all(isinstance(e, dict) and is_number(e.get("step")) for e in state[key]):
+            raise ValueError(f"{state_path}: {key!r} holds an entry that is not a step record")
+    try:
+        _decode_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
+        raise ValueError(
+            f"{state_path}: 'rng' is not the random-number state tli saves ({type(e).__name__}: {str(e)[:80]})"
+        ) from None
     state["_listed"] = names
     return state
 

@@ -661,9 +661,7 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"{state_path}: format {state['format']}, this tli reads {STATE_FORMAT}")
     if manifest.get("plan_sha256") != state["plan_sha256"]:
-        raise ValueError(
-            f"{state_path}: plan {state['plan_sha256'][:12]}, its manifest says another; not saved together"
-        )
+        raise ValueError(f"{state_path}: its plan differs from the one its manifest records; not saved together")
     saved_at = int(os.path.basename(os.path.normpath(path)).partition("-")[2] or -1)
     if state["step"] < 1 or state["step"] != manifest.get("step") or state["step"] != saved_at:
         raise ValueError(

@@ -349,6 +349,7 @@ class Run:
         shutil.copytree(self.pristine[1], src)
         recipe = os.path.join(base, "r.yml")
         kind = rng.choice(["bomb", "scale", "range", "keys", "nest", "bytes", "fifo", "model", "huge", "method"])
+        model = value = None  # the culprit a message may name instead of the recipe
         scale = rng.choice(["1e39", "-1e39", ".nan", ".inf", "-.inf", "'x'", "[1, 2]", "{a: 1}", "1e-45", "0", "-0.0"])
         rng_pair = rng.choice(["[0, 4]", "[3, 1]", "[-1, 2]", "[0, 99]", "[0]", "'0-4'", "[0.5, 2]", "[0, 1e30]",
                                "[true, 2]", "null"])  # fmt: skip
@@ -394,7 +395,7 @@ class Run:
                 f.write(text)
         dst = os.path.join(base, "dst")
         argv = ["plan", recipe] if rng.random() < 0.5 else ["upscale", recipe, dst, "--quiet"]
-        culprits = (recipe, "recipe", *(x for x in (locals().get("model"), locals().get("value")) if x))
+        culprits = (recipe, "recipe", *(str(x).strip("'")[:50] for x in (model, value) if x))
         outcome = F.check_run(argv, src, dst, base, names=culprits)  # the recipe, or the model / value at fault
         if outcome.problems or (outcome.code == 1 and len(outcome.err) > 2000):
             self.finding(seed, f"recipe {kind} {argv[0]}", outcome.problems or ["a long message"])

@@ -74,7 +74,8 @@ def open_source(ref: str | ModelRef, what: str = "SRC") -> SourceLayout:
             raise ValueError(f"{what} {ref.text!r}: {ref.path} is a local folder; a @revision applies to Hub ids only")
         return SourceLayout.open(ref.path)
     if not _HUB_ID.match(ref.path):
-        raise CheckpointError("no such directory (nor a Hub id of the form org/name[@revision])", ref.path)
+        shown = ref.path if len(ref.path) <= 300 else f"{ref.path[:300]}... ({len(ref.path)} characters)"
+        raise CheckpointError("no such directory (nor a Hub id of the form org/name[@revision])", shown)
     folder = hub_snapshot(ref)
     layout = SourceLayout.open(folder)
     layout.origin = {"hub_id": ref.path, "revision": ref.revision or "main", "commit": os.path.basename(folder)}

@@ -149,6 +149,20 @@ int create_in(int dir_fd, const std::string& name, int flags, const std::string&
   return fd;
 }
 
+// True when the entry `name` of dir_fd is still the file open as fd: nothing else replaced it. A
+// file is renamed into place (or removed) only then: never one this run did not write.
+bool still_ours(int dir_fd, const std::string& name, int fd) {
+  struct stat by_name{}, by_fd{};
+  if (::fstatat(dir_fd, name.c_str(), &by_name, AT_SYMLINK_NOFOLLOW) != 0 || ::fstat(fd, &by_fd) != 0) return false;
+  return by_name.st_dev == by_fd.st_dev && by_name.st_ino == by_fd.st_ino;
+}
+
+Failure replaced_failure(const std::string& path) {
+  return Failure{"was replaced by another process while this run wrote it; not renaming a file this run did "
+                 "not write (is another tli run writing this folder?)",
+                 path, "", 0, "output"};
+}
+
 void write_file_atomic(int dir_fd, const std::string& path, const std::string& content) {
   const auto slash = path.rfind('/');
   const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
@@ -157,9 +171,10 @@ void write_file_atomic(int dir_fd, const std::string& path, const std::string& c
   try {
     pwrite_all(fd, reinterpret_cast<const unsigned char*>(content.data()), content.size(), 0, path, "");
     if (::fsync(fd) != 0) throw output_failure("fsync failed", path, "", errno);
+    if (!still_ours(dir_fd, tmp, fd)) throw replaced_failure(path + ".tmp");
   } catch (...) {
+    if (still_ours(dir_fd, tmp, fd)) ::unlinkat(dir_fd, tmp.c_str(), 0);
     ::close(fd);
-    ::unlinkat(dir_fd, tmp.c_str(), 0);
     throw;
   }
   ::close(fd);
@@ -706,6 +721,7 @@ void Engine::finalize(uint32_t s, unsigned char* buf) {
         content.replace(at, 10, job_.options.checksum == ChecksumMode::None ? "none" : hex_checksum(sum));
       write_file_atomic(sidecar_fds_[s], sh.sidecar_path, content);
     }
+    if (!still_ours(dir_fds_[s], partial_name(s), st.fd)) throw replaced_failure(partial);
     if (::renameat(dir_fds_[s], partial_name(s).c_str(), dir_fds_[s], base_name(sh.path).c_str()) != 0)
       throw output_failure("cannot rename into place", sh.path, "", errno);
     {
@@ -728,12 +744,14 @@ void Engine::cleanup() {
   std::lock_guard<std::mutex> lk(mu_);
   for (size_t s = 0; s < job_.shards.size(); ++s) {
     ShardState& st = *state_[s];
+    // Remove the .partial this run created, and only that file (not one another process put there).
+    const bool remove = job_.shards[s].mode == ShardMode::Write && st.opened && !st.renamed && st.fd >= 0 &&
+                        still_ours(dir_fds_[s], partial_name(uint32_t(s)), st.fd);
+    if (remove) ::unlinkat(dir_fds_[s], partial_name(uint32_t(s)).c_str(), 0);
     if (st.fd >= 0) {
       ::close(st.fd);
       st.fd = -1;
     }
-    if (job_.shards[s].mode == ShardMode::Write && st.opened && !st.renamed)
-      ::unlinkat(dir_fds_[s], partial_name(uint32_t(s)).c_str(), 0);
   }
 }
 

@@ -8,6 +8,7 @@ Engines: "native" (the C++ streaming engine, the default when the extension is b
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -130,32 +131,26 @@ def upscale(
         executor_native.memory_plan(max_memory, threads)  # reject a bad budget before anything is written
     layout, plan = plan_source(src, method, common, options)  # a folder, a Hub id or a recipe file
     check_numbers(plan)
-    for folder in source_folders(layout):
-        output.check_destination(
-            folder, dst, overwrite=overwrite, resume=resume, part=part_of is not None, layout=layout
-        )
     todo = part_shards(len(plan.shards), part_of)
-    continuing = (resume or part_of is not None) and output.has_marker(dst)
-    verified: set[int] = set()
-    if continuing:
-        output.check_marker(dst, plan, layout)
-        verified = output.completed_shards(dst, plan, todo, max_memory=max_memory, threads=threads, require=verify)
-        todo = [i for i in todo if i not in verified]
-    sparse = engine == "native"
-    need = output.bytes_to_write(plan, todo, layout if sparse else None)
-    read = output.bytes_to_read(plan, todo, layout, sparse)
-    result = UpscaleResult(
-        plan, todo, need, False, bytes_to_read=read, engine=engine, shards_verified=sorted(verified), layout=layout
-    )
-    if dry_run:
-        return result
-    output.check_free_disk(dst, plan, todo, need)
-    if continuing:
-        out = OutputDir(dst)
-        output.remove_partials(out, plan, todo)
-    else:
-        out = output.begin(dst, plan, overwrite=overwrite, layout=layout)
+    if dry_run:  # reads only: no lock
+        return _survey(src, dst, plan, layout, todo, engine, overwrite, resume, part_of, max_memory, threads, verify)
+    _check_destination(src, dst, layout, overwrite, resume, part_of)  # early, before DST is made
+    out, made = _open_locked(dst, part_of is not None)
+    made = made and part_of is None  # parts share a folder another part may be about to write into
+    shard_locks = -1
     try:
+        if part_of is not None:  # before anything is verified: the shards this part may write are its own
+            shard_locks = out.lock_shards(todo, [plan.shards[i].file for i in todo])
+        # Under the lock, no other run changes DST: look at it again and decide what to write.
+        result = _survey(src, dst, plan, layout, todo, engine, overwrite, resume, part_of, max_memory, threads,
+                         verify, out=out)  # fmt: skip
+        todo, verified = result.shards_written, set(result.shards_verified)
+        output.check_free_disk(dst, plan, todo, result.bytes_to_write)
+        if (resume or part_of is not None) and output.has_marker(dst):
+            output.remove_partials(out, plan, todo)
+        else:
+            output.begin(out, plan, overwrite=overwrite, layout=layout)
+        made = False  # DST now holds the run's marker: it stays
         out.subdir(output.SHARDS_DIR).close()
         bar = _progress_bar(sum(plan.shards[i].data_bytes for i in todo), plan.method) if progress else None
         try:
@@ -167,28 +162,95 @@ def upscale(
         if result.finished:
             output.finish(out, plan, layout, __version__, verified=verified | set(todo))
     finally:
+        if shard_locks >= 0:
+            os.close(shard_locks)
+        if made:  # a folder this call made and wrote nothing into (a check failed under the lock)
+            try:
+                os.rmdir(dst)
+            except OSError:
+                pass
         out.close()
     return result
+
+
+def _check_destination(src, dst, layout, overwrite, resume, part_of) -> None:
+    for folder in source_folders(layout):
+        output.check_destination(
+            folder, dst, overwrite=overwrite, resume=resume, part=part_of is not None, layout=layout
+        )
+
+
+def _survey(src, dst, plan, layout, todo, engine, overwrite, resume, part_of, max_memory, threads, verify,
+            out: OutputDir | None = None) -> UpscaleResult:  # fmt: skip
+    """What the run would write: DST checked, finished shards (resume, parts) verified and dropped from todo."""
+    _check_destination(src, dst, layout, overwrite, resume, part_of)
+    continuing = (resume or part_of is not None) and output.has_marker(dst)
+    verified: set[int] = set()
+    if continuing:
+        output.check_marker(dst, plan, layout)
+        verified = output.completed_shards(
+            out or dst, plan, todo, max_memory=max_memory, threads=threads, require=verify
+        )
+        todo = [i for i in todo if i not in verified]
+    sparse = engine == "native"
+    need = output.bytes_to_write(plan, todo, layout if sparse else None)
+    read = output.bytes_to_read(plan, todo, layout, sparse)
+    return UpscaleResult(
+        plan, todo, need, False, bytes_to_read=read, engine=engine, shards_verified=sorted(verified), layout=layout
+    )
+
+
+def _open_locked(dst: str, part: bool) -> tuple[OutputDir, bool]:
+    """DST opened (created if absent) and locked: exclusively, or shared by --part runs. Returns it and
+    whether this call created the folder. Raises naming the holder when another run writes DST."""
+    made = False
+    if not os.path.lexists(dst):
+        try:
+            os.mkdir(dst, 0o755)
+            made = True
+        except FileExistsError:
+            pass  # another run made it first: the lock decides
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create the output folder: {e.strerror}", os.path.abspath(dst)) from None
+    out = OutputDir(dst)
+    try:
+        out.lock(shared=part)
+    except BaseException:
+        out.close()
+        if made:
+            try:
+                os.rmdir(dst)
+            except OSError:
+                pass
+        raise
+    return out, made
 
 
 def check_numbers(plan: SurgeryPlan) -> None:
     """Refuse op constants that float32 cannot hold (the executors compute in float32): they would
     write inf or NaN weights into an output that looks finished. Overflow that depends on the
     weights themselves (a finite but large --alpha, a narrow --dtype) is caught by the executors,
-    element by element (executor_python.overflow_message)."""
+    element by element (executor_python.overflow_message). The message names what set the constant:
+    --alpha, a recipe's scale, or the config's initializer_range."""
+    recipe = plan.method == "recipe"
     for t in plan.tensors():
         op = t.op
         if op.kind in ("scale", "average") and not _fits_f32(op.factor):
+            what = f"scale {op.factor:g} (the recipe's parameters)" if recipe else f"--alpha {op.factor:g}"
             raise ValueError(
-                f"--alpha {op.factor:g}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); "
-                f"{t.name} would be inf or NaN"
+                f"{what}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); {t.name} would be inf or NaN"
             )
         if op.kind == "fill" and not _fits_f32(op.value):
             raise ValueError(f"{t.name}: fill value {op.value:g} is not a finite float32")
         if op.kind == "uniform" and not _fits_f32(op.bound):
+            init_range = (plan.config or {}).get("initializer_range")
+            if isinstance(init_range, (int, float)) and not _fits_f32(float(init_range) * math.sqrt(3)):
+                fix = f"the config's initializer_range {init_range:g} is too large: correct it in config.json"
+            else:
+                fix = "use a smaller --alpha"
             raise ValueError(
                 f"{t.name}: random init bound {op.bound:g} (initializer_range x sqrt(3) x --alpha) is beyond "
-                f"float32 (largest {F32_MAX:.4g}); use a smaller --alpha"
+                f"float32 (largest {F32_MAX:.4g}); {fix}"
             )
 
 

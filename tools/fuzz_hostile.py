@@ -13,6 +13,17 @@ complete-looking folder after a failure, both engines alike) in six families:
   kills     SIGKILL / SIGINT of a real `tli upscale` at a random moment, then --resume: the
             result must equal an uninterrupted run byte for byte
   during    the source edited while a native-engine run writes (a real process)
+  recipes   hostile mergekit recipes: alias bombs, huge or non-finite scales, bad layer ranges and
+            keys, deep nesting, non-UTF-8, special files named *.yml (plan and upscale)
+  hub       a Hugging Face cache with hostile refs (FIFO, garbage, trailing newline), flipped or
+            truncated blobs, dangling links, missing snapshots (plan by Hub id, offline)
+  bin       zip-format pytorch_model.bin sources with flipped, truncated or planted bytes (a pickle
+            that would create a file must never run)
+  data      `tli train` inputs: FIFOs, /dev/zero, links, JSONL with lone surrogates or bad JSON,
+            text without a line break, empty files, non-integer token arrays
+  ckpt      `tli train --resume` of a damaged training checkpoint: edited training_state.json values
+            (manifest updated to match), a pickle planted in DCP's .metadata, foreign and unlisted
+            files, links; the planted code must never run
 
     PYTHONPATH=. python tools/fuzz_hostile.py --cases 4000 --seed 0 [--families files,options] [--json out.json]
 
@@ -50,9 +61,11 @@ METHOD_ARGS = [
     ["--method", "moe-upcycle", "--experts", "2", "--top-k", "1", "--shard-size", "40KB"],
     ["--method", "block-expansion", "--k", "3"],
 ]
-FAMILIES = ("files", "options", "dst", "edits", "kills", "during")
-# Relative weight of each family in a run (kills and during are slow: real processes).
-WEIGHTS = {"files": 60, "options": 20, "dst": 10, "edits": 6, "kills": 2, "during": 2}
+FAMILIES = ("files", "options", "dst", "edits", "kills", "during", "recipes", "hub", "bin", "data", "ckpt")
+# Relative weight of each family in a run (kills and during are slow: real processes; ckpt trains).
+WEIGHTS = {"files": 60, "options": 20, "dst": 10, "edits": 6, "kills": 2, "during": 2, "recipes": 20, "hub": 10,
+           "bin": 8, "data": 10, "ckpt": 4}  # fmt: skip
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class Run:
@@ -311,6 +324,323 @@ class Run:
             problems.append("left a complete-looking folder")
         if problems:
             self.finding(seed, kind, problems)
+
+    # ---- issue 20's surfaces ---------------------------------------------------------------------
+    def _one_line_contract(self, seed: int, what: str, code, err: str, names: tuple[str, ...]) -> list[str]:
+        problems = []
+        if code not in (0, 1):
+            problems.append(f"exit {code!r}: {err.strip()[-300:]}")
+        if code == 1:
+            lines = err.strip().splitlines()
+            if len(lines) != 1 or not lines[0].startswith("tli: error: "):
+                problems.append(f"not one error line: {err.strip()[:300]!r}")
+            elif not any(n in lines[0] for n in names):
+                problems.append(f"message names none of {names}: {lines[0][:300]!r}")
+            if "internal error" in err or "Traceback" in err:
+                problems.append(f"internal error: {err.strip()[-300:]}")
+            if len(err) > 2000:
+                problems.append(f"a {len(err)}-character message")
+        self.outcomes[self.family]["finding" if problems else ("accepted" if code == 0 else f"exit {code}")] += 1
+        return problems
+
+    def recipes(self, seed: int, rng: random.Random) -> None:
+        base = self.case_dir(seed)
+        src = os.path.join(base, "src")
+        shutil.copytree(self.pristine[1], src)
+        recipe = os.path.join(base, "r.yml")
+        kind = rng.choice(["bomb", "scale", "range", "keys", "nest", "bytes", "fifo", "model", "huge", "method"])
+        model = value = None  # the culprit a message may name instead of the recipe
+        scale = rng.choice(["1e39", "-1e39", ".nan", ".inf", "-.inf", "'x'", "[1, 2]", "{a: 1}", "1e-45", "0", "-0.0"])
+        rng_pair = rng.choice(["[0, 4]", "[3, 1]", "[-1, 2]", "[0, 99]", "[0]", "'0-4'", "[0.5, 2]", "[0, 1e30]",
+                               "[true, 2]", "null"])  # fmt: skip
+        if kind == "bomb":
+            levels, width = rng.randint(3, 12), rng.randint(2, 12)
+            lines = [f"a0: &a0 [{', '.join(['lol'] * width)}]"]
+            lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+            key = rng.choice(["merge_method", "base_model", "dtype", "slices", "tokenizer_source"])
+            text = "\n".join(lines) + f"\n{key}: *a{levels - 1}\nmerge_method: passthrough\n" * (key != "merge_method")
+            if key == "merge_method":
+                text = "\n".join(lines) + f"\nmerge_method: *a{levels - 1}\nslices: []\n"
+        elif kind in ("scale", "range", "model"):
+            model = src if kind != "model" else rng.choice(["/nonexistent", "org/none", "", "a@b@c", src + "+lora",
+                                                             os.path.join(base, "fifo-model")])  # fmt: skip
+            if model.endswith("fifo-model"):
+                os.mkfifo(model)
+            layer_range = rng_pair if kind == "range" else "[0, 4]"
+            params = f", parameters: {{scale: {scale}}}" if kind == "scale" else ""
+            text = (f"slices:\n  - sources: [{{model: '{model}', layer_range: {layer_range}{params}}}]\n"
+                    "merge_method: passthrough\ndtype: bfloat16\n")  # fmt: skip
+        elif kind == "keys":
+            key = rng.choice(["dtype", "out_dtype", "tokenizer_source", "base_model", "parameters", "slices", "models"])
+            value = rng.choice(["int8", "[1]", "{x: 1}", "''", "null", "1e400", "'" + "x" * 5000 + "'"])
+            text = f"slices:\n  - sources: [{{model: '{src}', layer_range: [0, 4]}}]\nmerge_method: passthrough\n"
+            text += f"{key}: {value}\n"
+        elif kind == "nest":
+            depth = rng.randint(50, 5000)
+            text = "merge_method: passthrough\nslices: " + "[" * depth + "]" * depth + "\n"
+        elif kind == "bytes":
+            text = None
+            with open(recipe, "wb") as f:
+                f.write(bytes(rng.randrange(256) for _ in range(rng.randint(0, 400))))
+        elif kind == "fifo":
+            text = None
+            os.mkfifo(recipe)
+        elif kind == "huge":
+            text = f"merge_method: passthrough\nslices: []\nx: '{'y' * rng.choice([10, 2 << 20])}'\n"
+        else:
+            method = rng.choice(["linear", "ties", "[1]", "null", "PASSTHROUGH"])
+            text = f"slices:\n  - sources: [{{model: '{src}', layer_range: [0, 4]}}]\nmerge_method: {method}\n"
+        if text is not None:
+            with open(recipe, "w") as f:
+                f.write(text)
+        dst = os.path.join(base, "dst")
+        argv = ["plan", recipe] if rng.random() < 0.5 else ["upscale", recipe, dst, "--quiet"]
+        culprits = (recipe, "recipe", *(str(x).strip("'")[:50] for x in (model, value) if x))
+        outcome = F.check_run(argv, src, dst, base, names=culprits)  # the recipe, or the model / value at fault
+        if outcome.problems or (outcome.code == 1 and len(outcome.err) > 2000):
+            self.finding(seed, f"recipe {kind} {argv[0]}", outcome.problems or ["a long message"])
+
+    def hub(self, seed: int, rng: random.Random) -> None:
+        from tests.checkpoint.test_hub import lay_out_cache
+
+        base = self.case_dir(seed)
+        cache = os.path.join(base, "cache")
+        snap = lay_out_cache(_Path(cache), "org/tiny", self.pristine[3], commit=COMMIT)
+        repo = os.path.join(cache, "models--org--tiny")
+        ref = os.path.join(repo, "refs", "main")
+        kind = rng.choice(["fifo-ref", "garbage-ref", "newline-ref", "dir-ref", "empty-ref", "flip-blob",
+                           "truncate-blob", "dangling", "no-snapshot", "huge-ref", "link-ref"])  # fmt: skip
+        blobs = sorted(os.listdir(os.path.join(repo, "blobs")))
+        victim = os.path.join(repo, "blobs", rng.choice(blobs))
+        if kind == "fifo-ref":
+            os.unlink(ref)
+            os.mkfifo(ref)
+        elif kind == "garbage-ref":
+            open(ref, "wb").write(bytes(rng.randrange(256) for _ in range(rng.randint(1, 80))))
+        elif kind == "newline-ref":
+            open(ref, "w").write(rng.choice(["\n", " ", "\r\n", "\n\n"]) * rng.randint(0, 1) + COMMIT + "\n")
+        elif kind == "dir-ref":
+            os.unlink(ref)
+            os.mkdir(ref)
+        elif kind == "empty-ref":
+            open(ref, "w").close()
+        elif kind == "huge-ref":
+            open(ref, "w").write(COMMIT + " " * (5 << 20))
+        elif kind == "link-ref":
+            os.unlink(ref)
+            os.symlink(rng.choice(["/dev/zero", "/nonexistent", victim]), ref)
+        elif kind == "flip-blob":
+            data = bytearray(open(victim, "rb").read())
+            if data:
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            open(victim, "wb").write(bytes(data))
+        elif kind == "truncate-blob":
+            os.truncate(victim, rng.randrange(max(os.path.getsize(victim), 1)))
+        elif kind == "dangling":
+            os.unlink(victim)
+        else:
+            shutil.rmtree(snap)
+        old = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+        os.environ.update(HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1")
+        try:
+            code, _, err = F.run_cli(["plan", "org/tiny", "--method", "tli", "--k", "2"])
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        problems = self._one_line_contract(seed, kind, code, err, ("org/tiny", cache))
+        if kind in ("flip-blob", "truncate-blob") and code == 0:
+            problems.append("a blob that no longer matches its hash was accepted")
+        if kind == "newline-ref" and code != 0:
+            problems.append(f"a ref with white space around the commit was refused: {err.strip()[:200]}")
+        if problems:
+            self.finding(seed, f"hub {kind}", problems)
+
+    def bin(self, seed: int, rng: random.Random) -> None:
+        import pickle
+        import zipfile
+
+        import torch
+        from safetensors.torch import load_file
+
+        base = self.case_dir(seed)
+        src = os.path.join(base, "src")
+        shutil.copytree(self.pristine[1], src, ignore=shutil.ignore_patterns("*.safetensors"))
+        state = load_file(os.path.join(self.pristine[1], "model.safetensors"))
+        path = os.path.join(src, "pytorch_model.bin")
+        torch.save(state, path)
+        marker = os.path.join(base, "PWNED")
+        kind = rng.choice(["flip", "truncate", "pickle", "append", "zero"])
+        data = bytearray(open(path, "rb").read())
+        if kind == "flip":
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == "truncate":
+            data = data[: rng.randrange(len(data))]
+        elif kind == "append":
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 4096)))
+        elif kind == "zero":
+            start, n = rng.randrange(len(data)), rng.randint(1, 4096)
+            data[start : start + n] = bytes(len(data[start : start + n]))
+        if kind == "pickle":  # data.pkl replaced by a payload that would create the marker
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                members = {n: z.read(n) for n in names}
+            pkl = next(n for n in names if n.endswith("data.pkl"))
+            members[pkl] = pickle.dumps(_Plant(marker), protocol=2)
+            with zipfile.ZipFile(path, "w") as z:
+                for n in names:
+                    z.writestr(n, members[n])
+        else:
+            open(path, "wb").write(bytes(data))
+        dst = os.path.join(base, "dst")
+        upscale = ["upscale", src, dst, "--method", "tli", "--k", "2", "--engine", rng.choice(F.ENGINES), "--quiet"]
+        argv = ["plan", src, "--method", "tli", "--k", "2"] if rng.random() < 0.5 else upscale
+        outcome = F.check_run(argv, src, dst, base)
+        problems = list(outcome.problems)
+        if os.path.exists(marker):
+            problems.append("a pickle in a .bin ran")
+        if problems:
+            self.finding(seed, f"bin {kind} {argv[0]}", problems)
+
+    def data(self, seed: int, rng: random.Random) -> None:
+        import numpy as np
+
+        base = self.case_dir(seed)
+        kind = rng.choice(["fifo", "dev-zero", "link-dev", "surrogate", "bad-json", "no-newline", "empty",
+                           "float-ids", "object-npy", "dir"])  # fmt: skip
+        flag = rng.choice(["--text", "--data", "--eval-text", "--eval-data"])
+        path = os.path.join(base, "input" + {"surrogate": ".jsonl", "bad-json": ".jsonl", "float-ids": ".npy",
+                                             "object-npy": ".npy"}.get(kind, ".txt"))  # fmt: skip
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dev-zero":
+            path = "/dev/zero"
+        elif kind == "link-dev":
+            os.symlink("/dev/zero", path)
+        elif kind == "surrogate":
+            open(path, "w").write('{"text": "a"}\n{"text": "x \\ud800 y"}\n' * rng.randint(1, 50))
+        elif kind == "bad-json":
+            open(path, "w").write('{"text": "a"}\n{"text": \n' * rng.randint(1, 50))
+        elif kind == "no-newline":
+            open(path, "w").write("word " * rng.randint(1, 20000))
+        elif kind == "empty":
+            open(path, "w").close()
+        elif kind == "float-ids":
+            np.save(path, np.random.default_rng(seed).random(1000))
+        elif kind == "object-npy":
+            np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        else:
+            os.mkdir(path)
+        out = os.path.join(base, "out")
+        code, _, err = F.run_cli(["train", self.pristine[1], flag, path, "-o", out, "--steps", "1", "--seq-len", "8",
+                                  "--micro-batch", "1", "--eval-tokens", "16", "--quiet"])  # fmt: skip
+        problems = self._one_line_contract(seed, kind, code, err, (path, flag, "tokenizer"))  # the model has none
+        if code == 0 and kind in ("fifo", "dev-zero", "link-dev", "surrogate", "bad-json", "float-ids", "object-npy"):
+            problems.append("accepted")
+        if problems:
+            self.finding(seed, f"data {kind} {flag}", problems)
+
+    def _stopped_checkpoint(self) -> tuple[str, str]:
+        """(output folder, token file) of a `tli train` stopped after step 2 of 4, made once per run."""
+        if not hasattr(self, "_ckpt"):
+            import numpy as np
+
+            root = os.path.join(self.root, "ckpt-pristine")
+            os.makedirs(root)
+            ids = os.path.join(root, "ids.npy")
+            np.save(ids, np.random.default_rng(0).integers(0, 64, 4000).astype(np.int32))
+            out = os.path.join(root, "out")
+            code, _, err = F.run_cli(self._train_args(ids, out) + ["--stop-after", "2"])
+            assert code == 0, err
+            self._ckpt = (out, ids)
+        return self._ckpt
+
+    def _train_args(self, ids: str, out: str) -> list[str]:
+        return ["train", self.pristine[1], "--data", ids, "--eval-data", ids, "-o", out, "--steps", "4",
+                "--seq-len", "8", "--micro-batch", "1", "--eval-tokens", "16", "--threads", "1", "--quiet"]  # fmt: skip
+
+    def ckpt(self, seed: int, rng: random.Random) -> None:
+        import pickle
+
+        from tli_kernels.training import checkpoints as C
+
+        pristine, ids = self._stopped_checkpoint()
+        base = self.case_dir(seed)
+        out = os.path.join(base, "out")
+        shutil.copytree(pristine, out, symlinks=True)
+        step = C.latest_checkpoint(out)
+        marker = os.path.join(base, "PWNED")
+        kind = rng.choice(["state-value", "state-value", "metadata-pickle", "distcp-pickle", "unlisted", "foreign",
+                           "link", "drop-entry", "manifest-value"])  # fmt: skip
+        relist = None
+        if kind == "state-value":
+            path = os.path.join(step, C.STATE_FILE)
+            state = json.load(open(path))
+            key = rng.choice(sorted(state))
+            value = rng.choice([-3, 0, 10**30, 1.5, "x", None, [], {}, [1, 2], {"a": 1}, True, float("nan")])
+            if isinstance(state[key], dict) and state[key] and rng.random() < 0.5:
+                state[key][rng.choice(sorted(state[key]))] = value
+            else:
+                state[key] = value
+            open(path, "w").write(json.dumps(state))
+            relist = C.STATE_FILE
+        elif kind in ("metadata-pickle", "distcp-pickle"):
+            name = f"{C.STATE_DIR}/.metadata" if kind == "metadata-pickle" else f"{C.STATE_DIR}/__0_0.distcp"
+            with open(os.path.join(step, name), "wb") as f:
+                pickle.dump(_Plant(marker), f)
+            relist = name
+        elif kind == "unlisted":
+            open(os.path.join(step, rng.choice(["x.bin", f"{C.STATE_DIR}/__1_0.distcp", "extra.json"])), "wb").write(
+                b"x"
+            )
+        elif kind == "foreign":
+            os.unlink(os.path.join(step, C.STATE_DIR, "__0_0.distcp"))
+            shutil.copyfile(os.path.join(step, C.STATE_FILE), os.path.join(step, C.STATE_DIR, "__0_0.distcp"))
+            relist = f"{C.STATE_DIR}/__0_0.distcp" if rng.random() < 0.5 else None
+        elif kind == "link":
+            target = os.path.join(step, C.STATE_DIR, "__0_0.distcp")
+            os.rename(target, target + ".orig")
+            os.symlink(target + ".orig", target)
+        elif kind == "drop-entry":
+            path = os.path.join(step, C.MANIFEST_FILE)
+            manifest = json.load(open(path))
+            del manifest["files"][rng.choice(sorted(manifest["files"]))]
+            open(path, "w").write(json.dumps(manifest))
+        else:
+            path = os.path.join(step, C.MANIFEST_FILE)
+            manifest = json.load(open(path))
+            manifest[rng.choice(["step", "format", "files", "plan_sha256"])] = rng.choice([-1, "x", None, [], {}])
+            open(path, "w").write(json.dumps(manifest))
+        if relist is not None:
+            path = os.path.join(step, C.MANIFEST_FILE)
+            manifest = json.load(open(path))
+            target = os.path.join(step, relist)
+            manifest["files"][relist] = {"size": os.path.getsize(target), "sha256": C.file_sha256(target)}
+            open(path, "w").write(json.dumps(manifest))
+        code, _, err = F.run_cli(self._train_args(ids, out) + ["--resume"])
+        problems = self._one_line_contract(seed, kind, code, err, (out, "--resume"))
+        if os.path.exists(marker):
+            problems.append("code planted in the checkpoint ran")
+        if code == 0 and kind not in ("state-value",):
+            problems.append("a damaged checkpoint was resumed")
+        if problems:
+            self.finding(seed, f"ckpt {kind}", problems)
+
+
+class _Plant:
+    """Unpickling this creates the folder `marker`: proof that code from the input ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _Path(p: str):
+    import pathlib
+
+    return pathlib.Path(p)
 
 
 def _kind(outcome) -> str:

@@ -38,3 +38,17 @@ def test_fuzzed_sources_keep_the_contract(tmp_path, pristine, kind):
             failures.append(f"seed {seed} ({what}, {command}): {problems[0]}")
         shutil.rmtree(base)
     assert not failures, "\n".join(failures)
+
+
+def test_fuzzed_recipes_hub_caches_bins_data_and_checkpoints_keep_the_contract(tmp_path):
+    """A fixed-seed slice of tools/fuzz_hostile.py's issue-20 families (it exits 1 on any finding)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "fuzz_hostile.py"), "--cases", "40", "--seed", "7",
+         "--families", "recipes,hub,bin,data,ckpt", "--hang-seconds", "120"],
+        env={**os.environ, "PYTHONPATH": repo, "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

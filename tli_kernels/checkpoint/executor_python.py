@@ -89,9 +89,16 @@ def _write_shard(
         os.fsync(fd)
         # The shard is only as good as its sources were for the whole time it was being written.
         sources.check_unchanged()
+        if not out.holds(partial_name, fd):
+            raise CheckpointError(
+                "was replaced by another process while this run wrote it; not renaming a file this run did not "
+                "write (is another tli run writing this folder?)",
+                partial,
+            )
     except BaseException:
+        if out.holds(partial_name, fd):  # remove only the file this run created
+            out.unlink(partial_name)
         os.close(fd)
-        out.unlink(partial_name)
         raise
     os.close(fd)
     out.rename(partial_name, shard.file)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CONFIG_NAME, INDEX_NAME, SIDE_FILES, SINGLE_NAME, CheckpointLayout
 from tli_kernels.checkpoint.torch_bin import BIN_INDEX_NAME, BIN_SINGLE_NAME
+from tli_kernels.checkpoint.validate import read_regular
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _CACHE_FOLDER = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[0-9a-f]{40}/?\Z")
@@ -73,7 +74,8 @@ def open_source(ref: str | ModelRef, what: str = "SRC") -> SourceLayout:
             raise ValueError(f"{what} {ref.text!r}: {ref.path} is a local folder; a @revision applies to Hub ids only")
         return SourceLayout.open(ref.path)
     if not _HUB_ID.match(ref.path):
-        raise CheckpointError("no such directory (nor a Hub id of the form org/name[@revision])", ref.path)
+        shown = ref.path if len(ref.path) <= 300 else f"{ref.path[:300]}... ({len(ref.path)} characters)"
+        raise CheckpointError("no such directory (nor a Hub id of the form org/name[@revision])", shown)
     folder = hub_snapshot(ref)
     layout = SourceLayout.open(folder)
     layout.origin = {"hub_id": ref.path, "revision": ref.revision or "main", "commit": os.path.basename(folder)}
@@ -160,11 +162,18 @@ def hub_snapshot(ref: ModelRef) -> str:
     name = ref.text
     found, lacking = None, []
     try:
-        found = snapshot_download(ref.path, revision=ref.revision, cache_dir=cache, local_files_only=True)
+        # tli reads the ref itself first: a FIFO there would block huggingface_hub's open() for ever,
+        # and a trailing newline (an edited ref) would make it miss a snapshot that is there.
+        found = _cached_snapshot(where, ref.revision)
+        if found is None:
+            found = snapshot_download(ref.path, revision=ref.revision, cache_dir=cache, local_files_only=True)
         lacking = missing_weights(found)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means "not (completely) cached"
         lacking = [_first_line(e)]
     if found and not lacking:
+        check_blobs(found)
         return found
     if hub_offline():
         what = (
@@ -188,7 +197,75 @@ def hub_snapshot(ref: ModelRef) -> str:
     lacking = missing_weights(folder)
     if lacking:
         raise CheckpointError(f"Hub model {name}: the repository has no {', '.join(lacking[:3])}", folder)
+    check_blobs(folder)
     return folder
+
+
+BLOB_CHECK_BYTES = 64 << 20  # blobs up to this size are hashed whole each time a snapshot is opened
+
+
+def check_blobs(snapshot: str) -> None:
+    """Each cached file that links to a blob named by its hash (sha256 for LFS files, git's sha1 for
+    the others) must still hash to that name: a damaged or edited blob is refused, naming it.
+    Blobs over BLOB_CHECK_BYTES (the weights of anything but a tiny model) are not hashed here: that
+    would read the whole model on every command; the source identity record samples them instead."""
+    import hashlib
+
+    for name in sorted(os.listdir(snapshot)):
+        path = os.path.join(snapshot, name)
+        if not os.path.islink(path):
+            continue
+        blob = os.path.realpath(path)
+        digest = os.path.basename(blob)
+        if os.path.basename(os.path.dirname(blob)) != "blobs" or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", digest):
+            continue
+        try:
+            size = os.stat(blob).st_size
+        except OSError:
+            continue  # a dangling link: reported as a missing file by whoever opens it
+        if size > BLOB_CHECK_BYTES:
+            continue
+        data = read_regular(blob, "Hub cache blob", limit=BLOB_CHECK_BYTES)
+        if len(digest) == 64:
+            actual = hashlib.sha256(data).hexdigest()
+        else:
+            actual = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        if actual != digest:
+            raise CheckpointError(
+                f"its content does not match the hash it is named by in the Hugging Face cache (now "
+                f"{actual[:12]}...); the cache is damaged or was edited: delete {blob} (and the snapshot's link "
+                f"{path}) to download it again",
+                blob,
+            )
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}\Z")
+
+
+def _cached_snapshot(repo_folder: str, revision: str | None) -> str | None:
+    """The cached snapshot folder of revision (default main), or None when the cache has none.
+
+    refs/<revision> must be a regular file of at most 1 KiB holding a commit hash (surrounding white
+    space, such as a trailing newline, is accepted); anything else is refused naming the file."""
+    revision = revision or "main"
+    if _COMMIT.match(revision):
+        commit = revision
+    else:
+        if ".." in revision.split("/") or revision.startswith("/"):
+            raise ValueError(f"@{revision}: not a revision name")
+        ref_path = os.path.join(repo_folder, "refs", revision)
+        if not os.path.lexists(ref_path):
+            return None
+        raw = read_regular(ref_path, "Hub cache ref", limit=1024)
+        commit = raw.decode("ascii", errors="replace").strip()
+        if not _COMMIT.match(commit):
+            raise CheckpointError(
+                f"does not hold a commit hash ({commit[:60]!r}); the Hugging Face cache is damaged: delete "
+                f"{repo_folder} to download the model again",
+                ref_path,
+            )
+    folder = os.path.join(repo_folder, "snapshots", commit)
+    return folder if os.path.isdir(folder) else None
 
 
 def _hub_unreachable() -> str | None:

@@ -14,16 +14,26 @@ relative to its fd:
 
 The native engine gets the same guarantees from the dup'd fds of this handle (csrc/engine.cpp
 uses openat / renameat / unlinkat on them).
+
+One writer per folder: `lock()` takes a `flock` on DST itself (no lock file is left behind; the
+kernel drops the lock when the process ends, however it ends, so a crash leaves no stale lock).
+A whole run takes it exclusively; `--part` runs share it and each also locks its own shards
+(`lock_shards`: one byte per shard of `.tli-shards/parts.lock`, open-file-description locks), so
+parts of one job run side by side while a second run of the same shards is refused. A refused
+writer is told who holds the lock (its pid and command line from /proc, where visible).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import stat as stat_mod
+import struct
+import sys
 
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.validate import open_regular
@@ -106,10 +116,62 @@ class OutputDir:
             st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        if not stat_mod.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=self.fd)
+        try:
+            if not stat_mod.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=self.fd)
+                return
+            shutil.rmtree(name, dir_fd=self.fd)
+        except FileNotFoundError:
             return
-        shutil.rmtree(name, dir_fd=self.fd)
+        except OSError as e:  # shutil names the entry relative to the fd: name the whole path
+            raise OSError(e.errno, f"cannot remove: {e.strerror}", self.join(name)) from None
+
+    def clear(self) -> None:
+        """Remove everything inside this folder (never through a link), keeping the folder itself:
+        its lock (lock()) stays held, so --overwrite cannot open a window for a second writer."""
+        for name in self.listdir():
+            self.rmtree(name)
+
+    # ---- one writer per folder -------------------------------------------------------------------
+    def lock(self, *, shared: bool = False) -> None:
+        """Hold a flock on this folder until close(): exclusive for a whole run, shared for --part runs.
+        Raises CheckpointError naming the holder when another writer has it."""
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(
+                f"is being written by {lock_holder(self.fd)}; one writer per output folder: wait for it to end "
+                "(or stop it), or choose another output folder",
+                self.path,
+            ) from None
+        except OSError as e:  # a file system without flock on folders (some network mounts)
+            _warn_unlocked(self.path, e)
+
+    def lock_shards(self, shards: list[int], names: list[str]) -> int:
+        """Lock byte i of .tli-shards/parts.lock for each shard i (a --part run's shards); returns the
+        fd, which holds the locks until closed. CheckpointError naming a shard another run holds."""
+        side = self.subdir(".tli-shards")
+        try:
+            fd = os.open("parts.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=side.fd)
+        finally:
+            side.close()
+        try:
+            for i, name in zip(shards, names):
+                try:
+                    fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, i, 1, 0))
+                except (BlockingIOError, PermissionError):
+                    raise CheckpointError(
+                        f"shard {name} is being written by another --part run ({lock_holder(self.fd)}); "
+                        "each part of a job must run once at a time",
+                        self.path,
+                    ) from None
+                except OSError as e:
+                    _warn_unlocked(self.path, e)
+                    break
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # ---- entries -----------------------------------------------------------------------------------
     def lstat(self, name: str) -> os.stat_result | None:
@@ -122,6 +184,12 @@ class OutputDir:
     def is_regular(self, name: str) -> bool:
         st = self.lstat(name)
         return st is not None and stat_mod.S_ISREG(st.st_mode)
+
+    def holds(self, name: str, fd: int) -> bool:
+        """The entry `name` is still the file open as fd (nothing replaced it since this run created it)."""
+        st = self.lstat(name)
+        mine = os.fstat(fd)
+        return st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def exists(self, name: str) -> bool:
         return self.lstat(name) is not None
@@ -234,6 +302,61 @@ class OutputDir:
             self.unlink(tmp)
             raise CheckpointError("source file changed since the run was planned; the output is not finished", src_path)
         self.rename(tmp, name)
+
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux >= 3.15
+_FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
+_warned_unlocked: set[str] = set()
+
+
+def _warn_unlocked(path: str, e: OSError) -> None:
+    if path not in _warned_unlocked:
+        _warned_unlocked.add(path)
+        print(
+            f"tli: warning: {path}: cannot lock the output folder ({e.strerror or e}); "
+            "make sure no other tli run writes it at the same time",
+            file=sys.stderr,
+        )
+
+
+def lock_holder(fd: int) -> str:
+    """'process PID: COMMAND' holding a flock on fd's file (for a shared lock, another holder than this
+    process where there is one), from /proc/locks; else a vaguer phrase (a holder on another machine)."""
+    st = os.fstat(fd)
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    pids = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "->" in fields:  # a waiter, not a holder
+                    continue
+                if len(fields) < 6 or fields[1] != "FLOCK":
+                    continue
+                try:
+                    major, minor, ino = fields[5].split(":")
+                    key = (int(major, 16), int(minor, 16), int(ino))
+                    pid = int(fields[4])
+                except ValueError:
+                    continue
+                if key == want and pid > 0:
+                    pids.append(pid)
+    except OSError:
+        pass
+    others = [p for p in pids if p != os.getpid()] or pids
+    if others:
+        return f"process {others[0]}{_command(others[0])}"
+    return "another process (perhaps on another machine)"
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return ""
+    text = " ".join(argv)
+    return f": {text[:200]}" if text else ""
 
 
 def _write_all(fd: int, data: bytes, path: str) -> None:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -108,12 +107,12 @@ def check_destination(
     if resume or part:
         if os.path.lexists(marker):
             return
-        if part and all(n.startswith(INCOMPLETE_MARKER) for n in os.listdir(dst)):
+        if part and all(n.startswith(INCOMPLETE_MARKER) or n == SHARDS_DIR for n in os.listdir(dst)):
             return  # another part is creating the marker right now (its temporary file is all there is)
         if resume:
             raise ValueError(f"--resume: {dst} holds no unfinished tli output ({INCOMPLETE_MARKER} missing)")
-    if not [n for n in os.listdir(dst) if not n.startswith(INCOMPLETE_MARKER + ".tmp-")]:
-        return  # empty, or a run killed while writing its marker left only the temporary file
+    if not [n for n in os.listdir(dst) if not n.startswith(INCOMPLETE_MARKER + ".tmp-") and n != SHARDS_DIR]:
+        return  # empty, or a run killed while writing its marker left only the temporary file (and sidecar folder)
     if not overwrite:
         raise ValueError(f"DST {dst} already exists; pass --overwrite to replace it (or --resume to finish it)")
     if link:
@@ -268,14 +267,17 @@ def check_marker(dst: str, plan: SurgeryPlan, layout: CheckpointLayout | None = 
     return marker
 
 
-def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool, layout: CheckpointLayout | None = None) -> OutputDir:
-    """Create dst (replacing it with overwrite) and mark it incomplete. Call after check_destination.
+def begin(
+    dst: str | OutputDir, plan: SurgeryPlan, *, overwrite: bool, layout: CheckpointLayout | None = None
+) -> OutputDir:
+    """Mark dst incomplete (emptying it first with overwrite). Call after check_destination, with the
+    folder opened and locked (OutputDir.lock); a path is opened (created if absent) here.
 
     Returns the open output folder (close it when done)."""
-    if overwrite and os.path.isdir(dst) and not os.path.islink(dst) and os.listdir(dst):
-        shutil.rmtree(dst)  # fd-based: links inside are removed, never followed
-    out = OutputDir(dst, create=True)
+    out = OutputDir(dst, create=True) if isinstance(dst, str) else dst
     try:
+        if overwrite and out.listdir():
+            out.clear()  # the folder itself stays (and stays locked); links inside are removed, never followed
         marker = {
             "plan_sha256": plan.digest(),
             "method": plan.method,
@@ -288,7 +290,8 @@ def begin(dst: str, plan: SurgeryPlan, *, overwrite: bool, layout: CheckpointLay
         out.subdir(SHARDS_DIR).close()
         out.fsync()
     except BaseException:
-        out.close()
+        if out is not dst:
+            out.close()
         raise
     return out
 

@@ -160,7 +160,7 @@ def _load_lazily(path: str) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"not a weights-only PyTorch checkpoint ({first}); {CONVERT_HINT}", path) from e
-    except (RuntimeError, ValueError, OSError, EOFError) as e:
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, IndexError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read as a PyTorch checkpoint ({first}); {CONVERT_HINT}", path) from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -176,6 +176,17 @@ def _stored_records(path: str) -> dict[str, tuple[int, int]]:
         raise CheckpointError(
             f"not a zip-format PyTorch file (a legacy pickle, saved by torch < 1.6?); {CONVERT_HINT}", path
         )
+    try:
+        return _zip_records(path)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, EOFError, OSError,
+            KeyError, struct.error) as e:  # fmt: skip
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a readable zip-format PyTorch file ({first}); {CONVERT_HINT}", path) from None
+
+
+def _zip_records(path: str) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
         for info in z.infolist():

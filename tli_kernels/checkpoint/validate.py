@@ -45,6 +45,11 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def file_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a character device', ... for a stat mode (for messages)."""
+    return _kind(mode)
+
+
 def check_regular(path: str, what: str) -> os.stat_result:
     """stat(path) (following links, as a model folder may be a Hugging Face cache of links); raise
     unless it is a regular file. Reads nothing."""

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -39,6 +40,7 @@ from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.hub import ModelRef, open_source
 from tli_kernels.checkpoint.multi import MultiSourceLayout, NamedSource, check_compatible, qualify
 from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, TensorOp
+from tli_kernels.checkpoint.validate import check_regular, read_regular
 from tli_kernels.methods.common import (
     DTYPE_CONFIG_NAMES,
     DTYPE_OPTIONS,
@@ -146,17 +148,31 @@ def _drop_none(d: dict) -> dict:
 
 # ---- reading --------------------------------------------------------------------------------------
 def is_recipe_path(src: str) -> bool:
-    return isinstance(src, str) and src.lower().endswith(RECIPE_SUFFIXES) and os.path.isfile(src)
+    """src names a recipe file (.yml/.yaml). A special file of that name (a FIFO, a device) is refused
+    here, before anything reads it, rather than taken for a model folder."""
+    if not (isinstance(src, str) and src.lower().endswith(RECIPE_SUFFIXES) and os.path.lexists(src)):
+        return False
+    if os.path.isdir(src):
+        return False
+    check_regular(src, "recipe")
+    return True
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few KB; mergekit's largest published ones are ~20 KB
+MAX_ALIAS_NODES = 10_000  # YAML nodes that aliases (*name) may add in all: a 500-byte alias bomb adds 10^9
+MAX_NESTING = 64  # lists and mappings inside each other; deeper overflows Python's recursion when built
 
 
 def load_recipe(path: str) -> Recipe:
     import yaml
 
+    raw = read_regular(path, "recipe", limit=MAX_RECIPE_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the recipe: {e.strerror or e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the recipe is not UTF-8 text (byte {e.start})") from None
+    try:
+        obj = yaml.load(text, Loader=_bounded_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -165,6 +181,66 @@ def load_recipe(path: str) -> Recipe:
         return parse_recipe(obj)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def _bounded_loader():
+    """yaml.SafeLoader that refuses a document whose aliases would add more than MAX_ALIAS_NODES nodes
+    (a recipe may reuse a model name with &m / *m; an alias bomb is refused before it is expanded)."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._alias_nodes = 0
+            self._sizes: dict[int, int] = {}
+
+        def _size(self, node) -> int:
+            key = id(node)
+            if key not in self._sizes:
+                self._sizes[key] = 1  # a recursive alias counts once
+                if isinstance(node, yaml.SequenceNode):
+                    self._sizes[key] = 1 + sum(self._size(n) for n in node.value)
+                elif isinstance(node, yaml.MappingNode):
+                    self._sizes[key] = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            return self._sizes[key]
+
+        def compose_node(self, parent, index):
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > MAX_NESTING:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested more than {MAX_NESTING} levels deep; a recipe needs a handful",
+                        self.peek_event().start_mark,
+                    )  # fmt: skip
+                return self._compose_bounded(parent, index)
+            finally:
+                self._depth -= 1
+
+        def _compose_bounded(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                node = self.anchors.get(event.anchor)
+                if node is not None:
+                    self._alias_nodes += self._size(node)
+                    if self._alias_nodes > MAX_ALIAS_NODES:
+                        raise yaml.composer.ComposerError(
+                            None, None,
+                            f"its aliases (*{event.anchor} and others) expand to more than {MAX_ALIAS_NODES} "
+                            "values (a YAML alias bomb?); refused before expanding them",
+                            event.start_mark,
+                        )  # fmt: skip
+            return super().compose_node(parent, index)
+
+    return BoundedLoader
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 2, 60, 60, 4, 4
+
+
+def _short(value) -> str:
+    """A recipe value as a message shows it: bounded (reprlib), never the whole of a huge value."""
+    return _SHORT.repr(value)
 
 
 def parse_recipe(obj) -> Recipe:
@@ -176,10 +252,12 @@ def parse_recipe(obj) -> Recipe:
         raise ValueError("no merge_method: tli runs passthrough recipes (merge_method: passthrough)")
     if method != "passthrough":
         raise ValueError(
-            f"merge_method {method!r}: tli runs passthrough recipes only (layers copied or scaled, never "
+            f"merge_method {_short(method)}: tli runs passthrough recipes only (layers copied or scaled, never "
             f"combined); run {method} with mergekit"
         )
-    warnings = [f"recipe key {k!r} is not one tli reads; ignored (as mergekit does)" for k in obj if k not in TOP_KEYS]
+    warnings = [
+        f"recipe key {_short(k)} is not one tli reads; ignored (as mergekit does)" for k in obj if k not in TOP_KEYS
+    ]
     if "modules" in obj:
         raise ValueError("modules: (per-module recipes of multimodal models) is not supported; use slices:")
     for key in ("chat_template",):
@@ -230,7 +308,7 @@ def _model_name(value, where: str) -> str:
         else:
             value = inner
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: expected a model folder or Hub id, got {value!r}")
+        raise ValueError(f"{where}: expected a model folder or Hub id, got {_short(value)}")
     ModelRef.parse(value, where)  # refuse LoRA (+) and bad @ early
     return value.strip()
 
@@ -245,7 +323,7 @@ def _slices(value, warnings: list[str]) -> list[Slice]:
             raise ValueError(f"{where}: expected a mapping with sources:")
         for key in sl:
             if key not in ("sources", "parameters", "base_model", "residual_weight"):
-                warnings.append(f"{where}: key {key!r} is not one tli reads; ignored")
+                warnings.append(f"{where}: key {_short(key)} is not one tli reads; ignored")
         if sl.get("residual_weight") is not None:
             warnings.append(f"{where}: residual_weight has no effect on passthrough (mergekit ignores it too)")
         sources = sl["sources"]
@@ -264,7 +342,7 @@ def _slices(value, warnings: list[str]) -> list[Slice]:
             or len(rng) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
         ):
-            raise ValueError(f"{where}: layer_range {rng!r}: expected [first, last + 1] (half-open, as mergekit)")
+            raise ValueError(f"{where}: layer_range {_short(rng)}: expected [first, last + 1] (half-open, as mergekit)")
         a, b = rng
         if a < 0 or b <= a:
             raise ValueError(
@@ -283,7 +361,7 @@ def _dtype(value, key: str) -> str | None:
     name = str(value)
     name = name[len("torch.") :] if name.startswith("torch.") else name
     if name not in DTYPE_NAMES:
-        raise ValueError(f"{key} {value!r}: tli writes {', '.join(DTYPE_NAMES)}")
+        raise ValueError(f"{key} {_short(value)}: tli writes {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[name]
 
 
@@ -309,18 +387,18 @@ def _tokenizer_source(obj: dict) -> str | None:
 # ---- parameters (mergekit's evaluate_setting, for numbers) ---------------------------------------
 def _number(value, where: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{where}: {value!r} is not a number")
+        raise ValueError(f"{where}: {_short(value)} is not a number")
     if isinstance(value, int | float):
         x = float(value)
     elif isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; mergekit's validator takes it
         try:
             x = float(value)
         except ValueError:
-            raise ValueError(f"{where}: {value!r} is not a number") from None
+            raise ValueError(f"{where}: {_short(value)} is not a number") from None
     else:
-        raise ValueError(f"{where}: {value!r} is not a number")
+        raise ValueError(f"{where}: {_short(value)} is not a number")
     if not math.isfinite(x):
-        raise ValueError(f"{where}: {value!r} is not a finite number")
+        raise ValueError(f"{where}: {_short(value)} is not a finite number")
     return x
 
 
@@ -336,13 +414,13 @@ def _setting(value, where: str):
         conds = []
         for e in value:
             if not isinstance(e, dict) or "value" not in e:
-                raise ValueError(f"{where}: expected a list of {{filter, value}} entries, got {e!r}")
+                raise ValueError(f"{where}: expected a list of {{filter, value}} entries, got {_short(e)}")
             stray = [k for k in e if k not in ("filter", "value")]
             if stray:
-                raise ValueError(f"{where}: unknown key {stray[0]!r} in a {{filter, value}} entry")
+                raise ValueError(f"{where}: unknown key {_short(stray[0])} in a {{filter, value}} entry")
             flt = e.get("filter")
             if flt is not None and not isinstance(flt, str):
-                raise ValueError(f"{where}: filter {flt!r} must be a string")
+                raise ValueError(f"{where}: filter {_short(flt)} must be a string")
             inner = _setting(e["value"], where)
             if isinstance(inner, list) and inner and isinstance(inner[0], dict):
                 raise ValueError(f"{where}: a filter's value must be a number or a gradient")
@@ -359,7 +437,7 @@ def _parameters(value, where: str, warnings: list[str]) -> dict | None:
     out = {}
     for name, setting in value.items():
         if name != "scale":
-            warnings.append(f"{where}: parameter {name!r} has no effect on passthrough (only scale does)")
+            warnings.append(f"{where}: parameter {_short(name)} has no effect on passthrough (only scale does)")
             continue
         out[name] = _setting(setting, f"{where}: scale")
     return out or None

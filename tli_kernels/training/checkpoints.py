@@ -12,8 +12,11 @@ OUTPUT/step-000100/
                          the Hugging Face export (alpha folded; at the end of each run, or at every
                          save with --export every), loadable by stock transformers
 A checkpoint is written to step-N.tmp and renamed when complete; `latest_checkpoint` takes only
-renamed folders with a manifest, and `verify_checkpoint` rechecks every listed file's sha256
-before --resume trusts it (a zeroed or truncated file of the right name is refused).
+renamed folders with a manifest. Before --resume trusts a checkpoint, every file under it must be
+a regular file listed in the manifest (`check_listed`: a shard copied in from another run, or one
+whose entry was dropped, is refused) and every listed file's sha256 is rechecked (`verify_files`:
+a zeroed or truncated file of the right name is refused). The DCP state is then read by
+`safe_dcp`, which never unpickles anything but DCP's metadata classes and plain data.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import stat
 
 from tli_kernels.checkpoint.executor_python import fsync_dir
 
@@ -146,6 +150,7 @@ def read_manifest(folder: str) -> dict:
             not isinstance(name, str)
             or os.path.isabs(name)
             or ".." in name.split("/")
+            or "" in name.split("/")
             or not isinstance(entry, dict)
             or not isinstance(entry.get("size"), int)
             or not isinstance(entry.get("sha256"), str)
@@ -154,13 +159,45 @@ def read_manifest(folder: str) -> dict:
     return manifest
 
 
+def check_listed(folder: str, manifest: dict) -> None:
+    """Raise naming the first entry under folder that is not a regular file listed in the manifest
+    (the manifest itself aside): --resume reads nothing a checkpoint does not list."""
+    listed = set(manifest["files"])
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if rel == MANIFEST_FILE and root == folder and stat.S_ISREG(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(
+                    f"{path}: not a regular file (a link or a special file) inside a checkpoint; "
+                    "tli reads only the regular files a checkpoint's manifest lists"
+                )
+            if rel not in listed:
+                raise ValueError(
+                    f"{path}: not listed in {os.path.join(folder, MANIFEST_FILE)} (a file from another run, or "
+                    "one whose entry was removed); tli reads only the files a checkpoint lists: remove it, or "
+                    "resume from a checkpoint saved whole"
+                )
+
+
 def verify_files(folder: str, manifest: dict, names: list[str]) -> None:
     """Raise naming the first of `names` whose size or sha256 differs from the manifest."""
     for name in names:
         entry = manifest["files"][name]
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: listed in {MANIFEST_FILE} but missing; the checkpoint cannot be resumed")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise ValueError(
+                f"{path}: listed in {MANIFEST_FILE} but missing; the checkpoint cannot be resumed"
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file (a link or a special file); the checkpoint is refused")
         size = os.path.getsize(path)
         if size != entry["size"]:
             raise ValueError(f"{path}: {size} bytes, the manifest recorded {entry['size']}; the checkpoint is damaged")

@@ -56,8 +56,7 @@ def check_vocab(ids: torch.Tensor, vocab_size: int, where: str) -> None:
 
 def load_token_ids(path: str) -> torch.Tensor:
     """A 1-D int64 tensor from a .npy file (any integer dtype) or a .pt file holding one tensor."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data {path}: no such file")
+    _check_regular(path, "--data")
     if path.endswith(".npy"):
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -75,12 +74,19 @@ def load_token_ids(path: str) -> torch.Tensor:
     return ids.reshape(-1).to(torch.long)
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, flag: str = "--text") -> str:
+    """The whole of a UTF-8 text file; a FIFO, a device (/dev/zero) or a socket is refused before it is read."""
+    from tli_kernels.checkpoint.validate import open_regular
+
     try:
-        with open(path, encoding="utf-8") as f:
+        fd = open_regular(path, f"{flag} file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
+    try:
+        with os.fdopen(fd, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise FileNotFoundError(f"--text {path}: cannot read ({e.strerror})") from e
+        raise FileNotFoundError(f"{flag} {path}: cannot read ({e.strerror})") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
@@ -227,6 +233,13 @@ class _LineCorpus:
         value = obj.get(self.field) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             raise ValueError(f"--data {path}: line at byte {offset} has no string field {self.field!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, not text
+            raise ValueError(
+                f"--data {path}: line at byte {offset}: field {self.field!r} holds a lone surrogate "
+                f"(\\u{ord(value[e.start]):04x}), which is not Unicode text"
+            ) from None
         return value
 
 
@@ -310,7 +323,8 @@ def open_corpus(path: str, field: str):
             )
         kind = kinds.pop()
         files = [f for f in files if _kind(f) == kind]
-    elif os.path.isfile(path):
+    elif os.path.lexists(path):
+        _check_regular(path, "--data")
         kind, files = _kind(path), [path]
         if kind is None:
             raise ValueError(
@@ -327,6 +341,16 @@ def open_corpus(path: str, field: str):
             ) from None
         return _RowCorpus(files, None, field, path)
     return _LineCorpus(files, kind, field)
+
+
+def _check_regular(path: str, flag: str) -> None:
+    """Refuse a path that is not a regular file (a FIFO or a device would block or never end)."""
+    from tli_kernels.checkpoint.validate import check_regular
+
+    try:
+        check_regular(path, f"{flag} file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file") from None
 
 
 def _kind(path: str) -> str | None:
@@ -480,6 +504,13 @@ class TrainingData:
                 heldout_ids_ = _read_heldout(corpus, train_units, tokenizer, eval_tokens)
                 self.heldout_name = f"{data_file} (held out: units [{train_units}, {corpus.units}))"
                 if heldout_ids_.numel() < seq_len:
+                    if corpus.align(corpus.units // 2) >= corpus.units:  # no document starts in the last half
+                        unit = "line" if isinstance(corpus, _LineCorpus) else "row"
+                        raise ValueError(
+                            f"--data {data_file}: no {unit} starts in its last half (one long {unit}: no line break), "
+                            "so no document can be held out whatever --heldout-fraction is; give held-out text with "
+                            "--eval-text or --eval-data, or break the text into lines"
+                        )
                     raise ValueError(
                         f"--data {data_file}: the held-out {heldout_fraction:g} holds {heldout_ids_.numel()} tokens, "
                         f"less than one window of --seq-len {seq_len}; raise --heldout-fraction"

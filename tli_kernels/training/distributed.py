@@ -144,19 +144,28 @@ def save_state(trainee: nn.Module, optimizer, path: str) -> None:
         raise RuntimeError(f"cannot write the training state to {path}: {_first_failure(e)}") from None
 
 
-def load_state(trainee: nn.Module, optimizer, path: str) -> None:
-    """Fill the (sharded) model and optimizer from a DCP folder, resharding to this world size."""
+def load_state(trainee: nn.Module, optimizer, path: str, files: set[str]) -> None:
+    """Fill the (sharded) model and optimizer from a DCP folder, resharding to this world size.
+
+    `files`: the names in path the checkpoint's manifest lists; DCP may read only those, and nothing
+    in them is unpickled beyond DCP's metadata classes and plain data (safe_dcp)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from tli_kernels.training.safe_dcp import ListedFilesReader, WeightsOnlyLoadPlanner
+
     model_state, optim_state = get_state_dict(trainee, optimizer)
     state = {"model": model_state, "optim": optim_state}
+    reader = ListedFilesReader(path, files)  # reads and checks the metadata: raises ValueError naming it
     try:
         with _single_process_is_fine():
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, storage_reader=reader, planner=WeightsOnlyLoadPlanner())
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
+        unsafe = _unsafe(e)
+        if unsafe is not None:
+            raise ValueError(f"the training state in {path} is refused: {one_line(unsafe)}") from None
         raise RuntimeError(f"cannot read the training state in {path}: {_first_failure(e)}") from None
     set_state_dict(trainee, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -167,6 +176,21 @@ def _single_process_is_fine():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
         yield
+
+
+def _unsafe(e: BaseException) -> BaseException | None:
+    """The safe_dcp refusal inside e (DCP wraps each rank's exception in a CheckpointException), if any."""
+    from tli_kernels.training.safe_dcp import UnsafeCheckpointError
+
+    if isinstance(e, (UnsafeCheckpointError, ValueError)):
+        return e
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for _, inner in sorted(failures.items()):
+            inner = inner[0] if isinstance(inner, tuple) else inner
+            if isinstance(inner, ValueError):
+                return inner
+    return None
 
 
 def _first_failure(e: BaseException) -> str:

@@ -30,6 +30,8 @@ from tli_kernels.training.checkpoints import injected_layers
 from tli_kernels.training.sharded_load import bytes_read_for_rows, open_source, shard_rows
 
 GB = 1e9
+MAX_WORLD = 1 << 24  # more ranks than any cluster has: a larger --world-size is a typo
+LISTED_RANKS = 1024  # up to this many ranks each gets its record; beyond, rank 0 (the largest) and the total
 
 
 @dataclass
@@ -58,8 +60,9 @@ class DryRun:
     activations: int
     activations_checkpointed: int
     checkpointing: bool
-    ranks: list[RankUse] = field(default_factory=list)
+    ranks: list[RankUse] = field(default_factory=list)  # every rank, or only rank 0 beyond LISTED_RANKS
     source_bytes: int = 0
+    bytes_read_all: int = 0  # by all ranks together
 
     def peak(self, r: RankUse) -> int:
         act = self.activations_checkpointed if self.checkpointing else self.activations
@@ -87,7 +90,7 @@ class DryRun:
             f"  total                            {self.peak(worst) / GB:9.2f}",
             "",
             f"source bytes read: {most_read.bytes_read / GB:.2f} GB on the busiest rank, "
-            f"{sum(r.bytes_read for r in self.ranks) / GB:.2f} GB in all "
+            f"{self.bytes_read_all / GB:.2f} GB in all "
             f"(the source holds {self.source_bytes / GB:.2f} GB)",
         ]
         return "\n".join(lines)
@@ -98,6 +101,10 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
     world = int(world if world is not None else os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
         raise ValueError(f"--world-size {world}: must be at least 1")
+    if world > MAX_WORLD:
+        raise ValueError(
+            f"--world-size {world}: more than {MAX_WORLD} ranks; give the number of ranks the run will have"
+        )
     cfg.check(world)
     source = open_source(cfg.model, cfg.method, cfg.method_options, seed=cfg.init_seed)
     config = source.config
@@ -113,7 +120,14 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
         m = layer_re.match(t.name)
         return bool(m) and int(m.group(1)) in injected
 
-    ranks = [RankUse(r) for r in range(world)]
+    # FSDP2 gives rank 0 the most rows of every tensor (torch.chunk), so beyond LISTED_RANKS rank 0
+    # stands for the largest rank and the total is counted over whole tensors: the work stays
+    # proportional to the tensors, not to the ranks.
+    ranks = [RankUse(r) for r in range(world if world <= LISTED_RANKS else 1)]
+    bytes_read_all = 0
+    for t in tensors:
+        dim0 = t.shape[0] if t.shape else 1
+        bytes_read_all += bytes_read_for_rows(t, 0, dim0 * (_numel(t.shape[1:]) if t.shape else 1), source.layout)
     for t in tensors:
         dim0 = t.shape[0] if t.shape else 1
         row = _numel(t.shape[1:]) if t.shape else 1
@@ -157,6 +171,7 @@ def dry_run(cfg, world: int | None = None) -> DryRun:
         checkpointing=cfg.activation_checkpointing,
         ranks=ranks,
         source_bytes=source.layout.total_bytes,
+        bytes_read_all=bytes_read_all,
     )
 
 

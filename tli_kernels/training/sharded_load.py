@@ -101,8 +101,10 @@ def open_source(
         provenance = read_provenance(layout.path)
     else:
         from tli_kernels.methods import CommonOptions, make_plan
+        from tli_kernels.upscale import check_numbers
 
         plan = make_plan(layout, method, CommonOptions(dtype=dtype, seed=seed), **(options or {}))
+        check_numbers(plan)  # as tli upscale does: an --alpha float32 cannot hold is refused up front
         provenance = plan.provenance(__version__)
     check_provenance(provenance, len(plan.layers) or layout.num_layers, os.path.join(layout.path, PROVENANCE_NAME))
     return ModelSource(layout.path, plan, layout, provenance, method, dict(options or {}), snapshot)

@@ -10,6 +10,8 @@ A accumulated micro-batches on one process sees the same windows as A ranks with
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tli_kernels import __version__
+from tli_kernels.checkpoint.outdir import OutputDir
+from tli_kernels.checkpoint.validate import is_number
 from tli_kernels.training import checkpoints, distributed
 from tli_kernels.training.distributed import agree
 from tli_kernels.training.export import export_model
@@ -139,10 +143,17 @@ class TrainConfig:
             if stray:
                 allowed = ", ".join("--" + _flag(o) for o in METHOD_OPTIONS[self.method])
                 raise ValueError(f"--{_flag(stray[0])} does not apply to --method {self.method} (it takes: {allowed})")
+            if self.method_options.get("alpha") is not None:  # as tli upscale: refused up front, whatever --init
+                _check_float("alpha", self.method_options["alpha"])
             if self.method == "tli":
                 from tli_kernels.cli.main import check_alpha_applies
 
                 check_alpha_applies(self.method_options)
+        inputs = [("--text", self.text_file, False), ("--eval-text", self.eval_text_file, False),
+                  ("--data", self.data_file, True), ("--eval-data", self.eval_data_file, True)]  # fmt: skip
+        for flag, path, folder_ok in inputs:
+            if path is not None:
+                _check_input_file(flag, path, folder_ok)
         if self.global_batch is not None and self.global_batch % (self.micro_batch * world):
             raise ValueError(
                 f"--global-batch {self.global_batch}: not divisible by --micro-batch {self.micro_batch} x world size "
@@ -168,6 +179,24 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check_input_file(flag: str, path: str, folder_ok: bool) -> None:
+    """A data or text path must be a regular file (or, for --data, a folder): a FIFO would block the
+    run for ever and /dev/zero never end. Refused up front, before anything is loaded."""
+    import stat
+
+    from tli_kernels.checkpoint.validate import file_kind
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: no such file{' or folder' if folder_ok else ''}") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):
+        return
+    raise ValueError(f"{flag} {path}: is {file_kind(st.st_mode)}, not a regular file; tli reads only regular files")
 
 
 def _check_float(flag: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
@@ -310,14 +339,32 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(_unb64(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+def _decode_rng_state(state: dict) -> tuple:
+    """(torch, cuda, python, numpy) states from _rng_state's JSON, each checked as its setter needs
+    it (so an edited file is refused naming it, before anything is restored)."""
+    if not isinstance(state, dict):
+        raise TypeError("not a mapping")
+    cpu = _unb64(state["torch"])
+    if cpu.numel() != torch.get_rng_state().numel():
+        raise ValueError(f"torch state of {cpu.numel()} bytes")
+    cuda = [_unb64(s) for s in state["cuda"]]
     version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    python = (version, tuple(internal), gauss_next)
+    random.Random().setstate(python)  # checks it without touching the global generator
     name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.frombuffer(base64.b64decode(keys), dtype="<u4").copy(), pos, has_gauss, gauss))
+    numpy_state = (name, np.frombuffer(base64.b64decode(keys, validate=True), dtype="<u4").copy(), pos, has_gauss,
+                   gauss)  # fmt: skip
+    np.random.RandomState().set_state(numpy_state)
+    return cpu, cuda, python, numpy_state
+
+
+def _set_rng_state(state: dict) -> None:
+    cpu, cuda, python, numpy_state = _decode_rng_state(state)
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -325,7 +372,10 @@ def _b64(t: torch.Tensor) -> str:
 
 
 def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    raw = base64.b64decode(text, validate=True)
+    if not raw:
+        raise ValueError("an empty state")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -357,14 +407,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     runtime = distributed.setup(cfg.device)
     ok = False
     try:
-        result = _train(cfg, runtime)
+        with contextlib.ExitStack() as held:
+            result = _train(cfg, runtime, held)
         ok = True
         return result
     finally:
         runtime.close(ok=ok)
 
 
-def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
+def _lock_output(output: str, runtime: distributed.Runtime, held: contextlib.ExitStack) -> None:
+    """One run per output folder (rank 0 holds a flock on it until the run ends): a second `tli train
+    -o` of the same folder, or a second --resume of it, is refused at once, naming the holder."""
+    if runtime.main:
+        folder = OutputDir(output)
+        held.callback(folder.close)
+        folder.lock()
+
+
+def _train(cfg: TrainConfig, runtime: distributed.Runtime, held: contextlib.ExitStack) -> TrainResult:
     cfg.check(runtime.world)
     if not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"MODEL {cfg.model}: no such folder")
@@ -381,6 +441,7 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
         )
     if cfg.output:
         agree(runtime, lambda: checkpoints.check_output_writable(cfg.output) if runtime.main else None)
+        agree(runtime, _lock_output, cfg.output, runtime, held)
         agree(runtime, _check_output_shared, cfg.output, runtime)
 
     # Everything about the model comes from its plan (headers only): nothing is read yet.
@@ -436,7 +497,9 @@ def _train(cfg: TrainConfig, runtime: distributed.Runtime) -> TrainResult:
     start = 0
     bytes_read = 0
     if state is not None:
-        distributed.load_state(trainee, optimizer, os.path.join(resume_from, checkpoints.STATE_DIR))
+        state_files = {n[len(checkpoints.STATE_DIR) + 1 :] for n in state["_listed"]
+                       if n.startswith(checkpoints.STATE_DIR + "/")}  # fmt: skip
+        distributed.load_state(trainee, optimizer, os.path.join(resume_from, checkpoints.STATE_DIR), state_files)
         _set_alphas(trainee, {int(i): a for i, a in state["alphas"].items()})
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -653,6 +716,7 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
     """The checkpoint's state after every file's sha256 matched its manifest (ranks split the files)."""
     manifest = checkpoints.read_manifest(path)
     names = sorted(manifest["files"])
+    checkpoints.check_listed(path, manifest)
     checkpoints.verify_files(path, manifest, names[runtime.rank :: runtime.world])
     if checkpoints.STATE_FILE not in manifest["files"]:
         raise ValueError(f"{path}: the manifest lists no {checkpoints.STATE_FILE}")
@@ -665,6 +729,34 @@ def _verified_state(path: str, runtime: distributed.Runtime) -> dict:
             raise ValueError(f"{state_path}: {key!r} missing or not a {kind.__name__}; not a tli training state")
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"{state_path}: format {state['format']}, this tli reads {STATE_FORMAT}")
+    if manifest.get("plan_sha256") != state["plan_sha256"]:
+        raise ValueError(f"{state_path}: its plan differs from the one its manifest records; not saved together")
+    saved_at = int(os.path.basename(os.path.normpath(path)).partition("-")[2] or -1)
+    if state["step"] < 1 or state["step"] != manifest.get("step") or state["step"] != saved_at:
+        raise ValueError(
+            f"{state_path}: step {state['step']}, but the checkpoint is {os.path.basename(path)} (manifest step "
+            f"{manifest.get('step')}); not the state tli saved there"
+        )
+    bad = [k for k, v in state["alphas"].items() if not k.isdigit() or not is_number(v) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{state_path}: alphas entry {bad[0][:40]!r} is not a layer index with a finite number")
+    sched = state["scheduler"]
+    if sched.get("last_epoch") != state["step"] or not (
+        isinstance(sched.get("base_lrs"), list) and sched["base_lrs"] and all(is_number(x) for x in sched["base_lrs"])
+    ):
+        raise ValueError(
+            f"{state_path}: 'scheduler' is not the learning-rate schedule tli saves at step {state['step']}"
+        )
+    for key in ("history", "evals"):
+        if not all(isinstance(e, dict) and is_number(e.get("step")) for e in state[key]):
+            raise ValueError(f"{state_path}: {key!r} holds an entry that is not a step record")
+    try:
+        _decode_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
+        raise ValueError(
+            f"{state_path}: 'rng' is not the random-number state tli saves ({type(e).__name__}: {str(e)[:80]})"
+        ) from None
+    state["_listed"] = names
     return state
 
 

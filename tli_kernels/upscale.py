@@ -178,7 +178,7 @@ def check_numbers(plan: SurgeryPlan) -> None:
     element by element (executor_python.overflow_message)."""
     for t in plan.tensors():
         op = t.op
-        if op.kind in ("scale", "average") and not _fits_f32(op.factor):
+        if op.kind in ("scale", "average", "dequant") and not _fits_f32(op.factor):
             raise ValueError(
                 f"--alpha {op.factor:g}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); "
                 f"{t.name} would be inf or NaN"

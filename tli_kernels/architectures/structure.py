@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tli_kernels.architectures.registry import BY_MODEL_TYPE
 from tli_kernels.architectures.spec import Architecture, layer_name_regex, loose_layer_regex
 from tli_kernels.checkpoint.errors import CheckpointError
+from tli_kernels.checkpoint.quant import plain_keys, same_storage
 
 
 def architecture_names(config: dict) -> str:
@@ -24,15 +25,10 @@ def architecture_names(config: dict) -> str:
 
 
 def check_not_quantized(config: dict, config_path: str) -> None:
-    q = config.get("quantization_config")
-    if q is None or q == {}:
-        return
-    if not isinstance(q, dict):
-        raise CheckpointError(f"quantization_config is a {type(q).__name__}, expected an object", config_path)
-    method = q.get("quant_method", "?")
-    raise CheckpointError(
-        f"quantized checkpoints ({method}) are not supported: upscale the unquantized model", config_path
-    )
+    """Refuse a quantisation scheme tli cannot grow (FP8 ones are grown as such: checkpoint/quant.py)."""
+    from tli_kernels.checkpoint.quant import parse_scheme
+
+    parse_scheme(config, config_path)
 
 
 def resolve_architecture(config: dict, tensor_names, config_path: str) -> Architecture:
@@ -124,8 +120,8 @@ class DecoderStructure:
         first = self.layers[0]
         seen: dict[str, tuple] = {}
         for i, layer in enumerate(self.layers):
-            if arch.moe_layout is None and layer.keys() != first.keys():
-                diff = sorted(set(first) ^ set(layer))
+            if arch.moe_layout is None and plain_keys(layer) != plain_keys(first):
+                diff = sorted(plain_keys(first) ^ plain_keys(layer))
                 raise CheckpointError(
                     f"layer {i} has different tensors than layer 0 (e.g. {diff[0]!r}); "
                     f"{arch.name} layers must all be alike",
@@ -134,7 +130,7 @@ class DecoderStructure:
                 )
             for suffix, t in layer.items():
                 ref = seen.setdefault(suffix, (i, t.dtype, tuple(t.shape)))
-                if (t.dtype, tuple(t.shape)) != ref[1:]:
+                if tuple(t.shape) != ref[2] or not same_storage(t.dtype, ref[1]):
                     raise CheckpointError(
                         f"{t.dtype}{list(t.shape)} differs from layer {ref[0]}'s {ref[1]}{list(ref[2])}",
                         t.file,

@@ -65,6 +65,7 @@ def save_fp8_model(
     block: tuple[int, int] = (16, 32),
     model_type: str = "qwen3",
     seed: int = 0,
+    mtp: bool = False,
 ) -> str:
     """A random tiny model of `model_type`, its decoder linears quantised per `scheme` (SCHEMES).
 
@@ -105,6 +106,12 @@ def save_fp8_model(
             out[name] = torch.empty_like(w).uniform_(0.5, 1.5).to(torch.bfloat16)
         else:
             out[name] = w.to(torch.bfloat16)
+    if mtp:  # DeepSeek-V3 style: a multi-token-prediction module stored as layer `layers` (FP8 too)
+        for name in [n for n in out if n.startswith("model.layers.1.")]:
+            out[name.replace(".1.", f".{layers}.", 1)] = out[name].clone()
+        q, s = quantize(torch.randn(64, 128) * 0.02, grid, block, scale_dtype)
+        out[f"model.layers.{layers}.eh_proj.weight"], out[f"model.layers.{layers}.eh_proj.{scale_name}"] = q, s
+        out[f"model.layers.{layers}.enorm.weight"] = torch.ones(64, dtype=torch.bfloat16)
     os.makedirs(path, exist_ok=True)
     names = sorted(out)
     half = len(names) // 2  # two shards and an index: the sharded path
@@ -117,6 +124,8 @@ def save_fp8_model(
     cfg = config.to_dict()
     cfg["torch_dtype"] = "bfloat16"
     cfg["quantization_config"] = quant_config(method, grid, block, static, sorted(keep))
+    if mtp:
+        cfg["num_nextn_predict_layers"] = 1
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     return path

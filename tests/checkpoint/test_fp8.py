@@ -293,3 +293,73 @@ def test_transformers_loads_block_fp8_output_on_cpu_with_the_same_logits(tmp_pat
         got = model.eval()(ids).logits
     want = _hook_reference_logits(read_all(src), config(src), layer_map(N, 2, "copy", 0.5), ids)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bf16"])
+def test_mtp_layer_after_the_stack_is_renumbered(tmp_path, dtype):
+    """DeepSeek-V3 keeps its multi-token-prediction module at index num_hidden_layers: it is carried
+    outside the stack and moves to the output's num_hidden_layers."""
+    src = save_fp8_model(str(tmp_path / "src"), "block-f32", layers=4, mtp=True)
+    outs = [run(src, str(tmp_path / e), e, dtype=dtype, k=2, init="zero") for e in ENGINES]
+    assert all(same_files(outs[0], o) for o in outs[1:])
+    s_t, o_t = read_all(src), read_all(outs[0])
+    assert config(outs[0])["num_hidden_layers"] == 6 and config(outs[0])["num_nextn_predict_layers"] == 1
+    mtp_src = {n[len("model.layers.4.") :] for n in s_t if n.startswith("model.layers.4.")}
+    mtp_out = {n[len("model.layers.6.") :] for n in o_t if n.startswith("model.layers.6.")}
+    assert not any(n.startswith("model.layers.7.") for n in o_t)
+    if dtype == "keep":
+        assert mtp_out == mtp_src
+        for rest in mtp_src:
+            a, b = s_t[f"model.layers.4.{rest}"], o_t[f"model.layers.6.{rest}"]
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    else:
+        assert mtp_out == {r for r in mtp_src if not r.endswith("_scale_inv")}
+        real = real_weights(s_t, config(src))["model.layers.4.eh_proj.weight"]
+        assert torch.equal(o_t["model.layers.6.eh_proj.weight"], real.float().to(torch.bfloat16))
+
+
+def test_synthetic_fbgemm_layout_both_engines(tmp_path):
+    """checkpoint/synthetic.py's Llama-3.1-405B-FP8 layout at small shapes, dense: kept FP8 and
+    dequantised, both engines alike, modules_to_not_convert naming exactly the BF16 linears."""
+    from tli_kernels.checkpoint.synthetic import llama_config, write_checkpoint
+
+    cfg = llama_config("llama-3.1-405b", hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)  # fmt: skip
+    src = str(tmp_path / "src")
+    write_checkpoint(src, cfg, quant="fbgemm-fp8", num_shards=3)
+    for dtype in ("keep", "fp32"):
+        outs = [run(src, str(tmp_path / f"{dtype}-{e}"), e, dtype=dtype, k=2, init="copy", alpha=0.25) for e in ENGINES]
+        assert all(same_files(outs[0], o) for o in outs[1:])
+        o_cfg, o_t = config(outs[0]), read_all(outs[0])
+        assert o_cfg["num_hidden_layers"] == 7
+        if dtype == "keep":
+            listed = set(o_cfg["quantization_config"]["modules_to_not_convert"]) - {"lm_head"}
+            assert listed == not_converted_from_weights(o_t, 7)
+            # output layers 0 1 1' 2 3 3' 4 from source layers whose MLPs are FP8 for 1..3: five layers
+            assert sum(t.dtype == torch.float8_e4m3fn for t in o_t.values()) == 5 * 3
+        else:
+            assert "quantization_config" not in o_cfg and all(t.dtype == torch.float32 for t in o_t.values())
+            s_real = real_weights(read_all(src), cfg | {"quantization_config": {}})
+            got = o_t["model.layers.2.mlp.down_proj.weight"].double()  # injected after layer 1 (FP8)
+            assert torch.allclose(got, s_real["model.layers.1.mlp.down_proj.weight"] * 0.25, rtol=2**-23, atol=0)
+            got = o_t["model.layers.3.mlp.down_proj.weight"].double()  # source layer 2, alpha 1
+            assert torch.allclose(got, s_real["model.layers.2.mlp.down_proj.weight"], rtol=2**-23, atol=0)
+
+
+@pytest.mark.skipif(not executor_native.available(), reason="the native engine is not built")
+def test_synthetic_405b_fp8_sparse_layout(tmp_path):
+    """The real 405B-FP8 shapes, four layers, data as holes: the plan and the native engine (the Python
+    engine writes holes as data: gigabytes here), the output sparse too."""
+    from tli_kernels.checkpoint.layout import CheckpointLayout
+    from tli_kernels.checkpoint.synthetic import write_preset
+
+    src = str(tmp_path / "src")
+    write_preset(src, "llama-3.1-405b", fill="sparse", layers=4, quant="fbgemm-fp8")
+    layout = CheckpointLayout.open(src)
+    assert layout.tensors["model.layers.1.mlp.up_proj.weight"].dtype == "F8_E4M3"
+    assert layout.tensors["model.layers.1.mlp.up_proj.weight_scale"].shape == (53248, 1)
+    assert layout.tensors["model.layers.0.mlp.up_proj.weight"].dtype == "BF16"
+    dst = run(src, str(tmp_path / "out"), "native", k=2, init="copy", alpha=0.5)
+    out = CheckpointLayout.open(dst)
+    assert sum(os.stat(h.path).st_blocks * 512 for h in out.files.values()) < 64 << 20
+    assert out.num_layers == 6 and out.tensors["model.layers.2.mlp.up_proj.weight"].dtype == "F8_E4M3"

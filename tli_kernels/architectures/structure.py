@@ -67,8 +67,12 @@ class DecoderStructure:
         strict, loose = layer_name_regex(prefix), loose_layer_regex(prefix)
         by_index: dict[int, dict] = {}
         names = set()
+        count_key, n = _layer_count(arch, config, config_path)
+        trailing = range(n, n + trailing_layers(config))  # DeepSeek's multi-token-prediction layers
         for name, t in tensors.items():
             m = strict.match(name)
+            if m and int(m.group(1)) in trailing:
+                continue  # not a decoder layer: carried outside the stack, renumbered after it
             if m:
                 by_index.setdefault(int(m.group(1)), {})[m.group(2)] = t
                 names.add(name)
@@ -80,7 +84,6 @@ class DecoderStructure:
                     getattr(t, "file", None),
                     name,
                 )
-        count_key, n = _layer_count(arch, config, config_path)
         present = sorted(by_index)
         if not present:
             raise CheckpointError(f"no decoder layer tensors ({prefix}.<i>.*) in the weights", config_path)
@@ -169,6 +172,23 @@ def check_embeddings(config: dict, outside: list, config_path: str) -> None:
             "would start it at random",
             config_path,
         )
+
+
+def trailing_layers(config: dict) -> int:
+    """Layers stored after the decoder stack under the same prefix: DeepSeek-V3 keeps its
+    multi-token-prediction module at index num_hidden_layers (`num_nextn_predict_layers` of them)."""
+    k = config.get("num_nextn_predict_layers", 0)
+    return k if isinstance(k, int) and not isinstance(k, bool) and 0 < k < 64 else 0
+
+
+def renumber_trailing(name: str, prefix: str, n_src: int, n_out: int, count: int) -> str:
+    """`{prefix}.{n_src + k}.rest` -> `{prefix}.{n_out + k}.rest` for a trailing layer k < count."""
+    head = prefix + "."
+    if count and name.startswith(head):
+        index, dot, rest = name[len(head) :].partition(".")
+        if dot and index.isascii() and index.isdigit() and n_src <= int(index) < n_src + count:
+            return f"{head}{int(index) - n_src + n_out}.{rest}"
+    return name
 
 
 def _pick_prefix(arch: Architecture, tensors: dict, config_path: str) -> str:

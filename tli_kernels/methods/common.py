@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from tli_kernels.architectures import Architecture
+from tli_kernels.architectures.structure import renumber_trailing, trailing_layers
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, TensorOp, pack_shards, validate_plan
@@ -169,9 +170,11 @@ def build_plan(
     if quant is not None and (expand_layer is not None or carry is not None):
         raise CheckpointError(f"{method} does not take FP8-quantized sources yet", layout.config_path)
     before, after = [], []
+    trailing = trailing_layers(layout.config)
     for t in layout.non_layer_tensors():
         outs = quant.carry(t) if quant is not None else None
         for out in [(carry or _carry)(t, common)] if outs is None else outs:
+            out.name = renumber_trailing(out.name, prefix, layout.num_layers, len(layers), trailing)
             (before if _is_embedding(out.name) else after).append(out)
 
     middle: list[OutTensor] = []

@@ -1,9 +1,11 @@
-"""Measure `tli upscale` on the sparse Llama-3.1-405B-FP8 layout (checkpoint/synthetic.py, fbgemm_fp8):
+"""Measure `tli upscale` on the sparse Llama-3.1-405B-FP8 layout (checkpoint/synthetic.py, fbgemm_fp8; or
+the 405B shapes with 128 x 128 block scales, fp8-block):
 wall time, CPU time and peak RSS of the CLI process (GNU time), then check the output with the
 safetensors library's reader, tli's own reader, and that modules_to_not_convert names exactly the
 output's unquantised linears.
 
-    PYTHONPATH=. python tools/measure_fp8_layouts.py WORKDIR [--max-memory 64MiB] [--reps 2]
+    PYTHONPATH=. python tools/measure_fp8_layouts.py WORKDIR [--quant fbgemm-fp8|fp8-block] [--max-memory 64MiB]
+        [--reps 2]
 """
 
 from __future__ import annotations
@@ -56,10 +58,10 @@ def check_output(out: str) -> dict:
                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
     unquantized = {m for m in linears if dtypes[m + ".weight"] != "F8_E4M3"}
-    assert set(q["modules_to_not_convert"]) - {"lm_head"} == unquantized
+    assert set(q.get("modules_to_not_convert", [])) - {"lm_head"} == unquantized
     fp8 = sum(1 for d in dtypes.values() if d == "F8_E4M3")
     return {"layers": n, "shards": len(shards), "tensors": len(dtypes), "fp8_weights": fp8,
-            "not_converted": len(q["modules_to_not_convert"])}  # fmt: skip
+            "not_converted": len(q.get("modules_to_not_convert", []))}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -67,13 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("workdir")
     p.add_argument("--max-memory", default="64MiB")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--quant", default="fbgemm-fp8", choices=["fbgemm-fp8", "fp8-block"])
     args = p.parse_args(argv)
     from tli_kernels.checkpoint.synthetic import write_preset
 
-    src = os.path.join(args.workdir, "src-405b-fp8-sparse")
+    src = os.path.join(args.workdir, f"src-405b-{args.quant}-sparse")
     if not os.path.exists(os.path.join(src, "config.json")):
         shutil.rmtree(src, ignore_errors=True)
-        write_preset(src, "llama-3.1-405b", fill="sparse", quant="fbgemm-fp8", num_shards=109)
+        write_preset(src, "llama-3.1-405b", fill="sparse", quant=args.quant, num_shards=109)
     src_apparent, src_allocated = disk_bytes(src)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
     source = {"shards": 109, "apparent_bytes": src_apparent, "allocated_bytes": src_allocated}

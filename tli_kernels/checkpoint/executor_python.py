@@ -149,6 +149,7 @@ def _write_dequant(
 ) -> None:
     """The dequant op (plan.py): FP8 weights times their block scales, chunk by chunk."""
     n, size = t.nbytes // DTYPE_SIZES[t.dtype], DTYPE_SIZES[t.dtype]
+    chunk_elems = max(1, chunk_elems // 2)  # int64 index arithmetic: about twice a transform's bytes per element
     for start in range(0, n, chunk_elems):
         k = min(chunk_elems, n - start)
         for s in srcs:

@@ -151,10 +151,6 @@ def scale_of(tensors: dict, weight_name: str) -> TensorEntry | None:
     return None
 
 
-def is_quantized_weight(t: TensorEntry) -> bool:
-    return t.dtype in FP8_DTYPES
-
-
 def scale_block(weight: TensorEntry, scale: TensorEntry, scheme: QuantScheme) -> tuple[int, int]:
     """The block [br, bc] of weight rows x columns that one scale element covers (checked against the
     scale's shape): the whole tensor, one row, or the scheme's block."""
@@ -163,16 +159,13 @@ def scale_block(weight: TensorEntry, scale: TensorEntry, scheme: QuantScheme) ->
             f"quantized weight has shape {list(weight.shape)}: tli grows 2-D FP8 weights only", weight.file, weight.name
         )
     rows, cols = weight.shape
-    grid = [d for d in scale.shape]
-    numel = math.prod(grid)
-    if numel == 1 and (scheme.block is None or scheme.block == (rows, cols) or grid == [] or scheme.method != "fp8"):
+    grid = list(scale.shape)
+    if scheme.block is not None and grid == [-(-rows // scheme.block[0]), -(-cols // scheme.block[1])]:
+        return scheme.block
+    if math.prod(grid) == 1:
         return rows, cols
-    if grid in ([rows, 1], [rows]) and scheme.block is None:
+    if grid in ([rows, 1], [rows]):
         return 1, cols
-    if scheme.block is not None:
-        br, bc = scheme.block
-        if grid == [-(-rows // br), -(-cols // bc)]:
-            return br, bc
     want = f"[{-(-rows // scheme.block[0])}, {-(-cols // scheme.block[1])}]" if scheme.block else f"[] or [{rows}, 1]"
     raise CheckpointError(
         f"scale {scale.name} has shape {grid} for a {rows}x{cols} weight; the {scheme.method} scheme wants {want}",

@@ -363,3 +363,19 @@ def test_synthetic_405b_fp8_sparse_layout(tmp_path):
     out = CheckpointLayout.open(dst)
     assert sum(os.stat(h.path).st_blocks * 512 for h in out.files.values()) < 64 << 20
     assert out.num_layers == 6 and out.tensors["model.layers.2.mlp.up_proj.weight"].dtype == "F8_E4M3"
+
+
+def test_scale_grid_that_does_not_fit_the_config_is_refused(tmp_path, sources):
+    import shutil
+
+    src = str(tmp_path / "src")
+    shutil.copytree(sources["block-f32"], src)
+    cfg = config(src)
+    cfg["quantization_config"]["weight_block_size"] = [8, 8]  # the files hold 16 x 32 blocks
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(
+        CheckpointError, match=r"has shape \[\d+, \d+\] for a \d+x\d+ weight; the fp8 scheme wants"
+    ) as e:
+        run(src, str(tmp_path / "out"), "python", k=2)
+    assert "\n" not in str(e.value)

@@ -379,3 +379,16 @@ def test_scale_grid_that_does_not_fit_the_config_is_refused(tmp_path, sources):
     ) as e:
         run(src, str(tmp_path / "out"), "python", k=2)
     assert "\n" not in str(e.value)
+
+
+def test_recipe_and_moe_upcycle_refuse_fp8_sources_in_one_line(tmp_path, sources):
+    src = sources["block-f32"]
+    with pytest.raises(CheckpointError, match="--method moe-upcycle does not take FP8-quantized sources yet"):
+        run(src, str(tmp_path / "moe"), "python", method="moe-upcycle", experts=2, top_k=1)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"slices:\n  - sources:\n      - model: {src}\n        layer_range: [0, 4]\n"
+        f"  - sources:\n      - model: {src}\n        layer_range: [2, 6]\nmerge_method: passthrough\n"
+    )
+    with pytest.raises(CheckpointError, match="a recipe does not take FP8-quantized sources yet"):
+        upscale(str(recipe), str(tmp_path / "rec"), None, engine="python")

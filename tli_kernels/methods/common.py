@@ -168,7 +168,11 @@ def build_plan(
     std = init_std(layout) if any(layer.init == "random" for layer in layers) else None
     quant = QuantPlanner.for_layout(layout, DTYPE_OPTIONS[common.dtype])  # None unless FP8 (quant.py)
     if quant is not None and (expand_layer is not None or carry is not None):
-        raise CheckpointError(f"{method} does not take FP8-quantized sources yet", layout.config_path)
+        what = "a recipe" if carry is not None else f"--method {method}"
+        raise CheckpointError(
+            f"{what} does not take FP8-quantized sources yet (tli, dus, block-expansion, stack and passthrough do)",
+            layout.config_path,
+        )
     before, after = [], []
     trailing = trailing_layers(layout.config)
     for t in layout.non_layer_tensors():

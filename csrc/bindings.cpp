@@ -20,9 +20,9 @@ namespace {
 // (file index, absolute offset, dtype code)
 using SourceTuple = std::tuple<uint32_t, uint64_t, int>;
 // (name, output offset, output bytes, dtype code, op code, factor, value, seed, bound, pre_round dtype code or -1,
-//  sources)
+//  sources, (cols, block rows, block cols) of a dequant op)
 using TensorTuple = std::tuple<std::string, uint64_t, uint64_t, int, int, double, double, uint64_t, double, int,
-                               std::vector<SourceTuple>>;
+                               std::vector<SourceTuple>, std::tuple<uint64_t, uint64_t, uint64_t>>;
 // (path, size, dev, ino, mtime_ns, ctime_ns): a source file and the identity its header was read with
 using FileTuple = std::tuple<std::string, uint64_t, uint64_t, uint64_t, int64_t, int64_t>;
 // (final path, mode, header bytes, file size, sidecar path, sidecar template, tensors)
@@ -61,7 +61,8 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<FileTuple>& files, co
     s.file_size = file_size;
     s.sidecar_path = sidecar;
     s.sidecar_template = sidecar_template;
-    for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, pre_round, sources] : tensors) {
+    for (const auto& [name, offset, nbytes, dtype, op, factor, value, seed, bound, pre_round, sources, grid] :
+         tensors) {
       tli::TensorTask t;
       t.name = name;
       t.out_offset = offset;
@@ -76,6 +77,7 @@ std::unique_ptr<tli::Engine> make_engine(const std::vector<FileTuple>& files, co
       if (t.has_pre_round) t.pre_round = static_cast<tli::DType>(pre_round);
       for (const auto& [file, src_offset, src_dtype] : sources)
         t.sources.push_back({file, src_offset, static_cast<tli::DType>(src_dtype)});
+      std::tie(t.cols, t.block_rows, t.block_cols) = grid;
       s.tensors.push_back(std::move(t));
     }
     job.shards.push_back(std::move(s));

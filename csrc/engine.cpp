@@ -826,7 +826,69 @@ bool Engine::all_holes(const TensorTask& t, uint64_t first_elem, uint64_t n_elem
   return true;
 }
 
+void Engine::dequant_pair(const TensorTask& t, size_t p, uint64_t first, uint64_t n, unsigned char* raw,
+                          std::vector<float>& scale, float* acc, bool add, std::vector<uint8_t>* finite) {
+  const SourceRef& q = t.sources[2 * p];
+  const SourceRef& s = t.sources[2 * p + 1];
+  const uint64_t cols = t.cols, br = t.block_rows, bc = t.block_cols, grid_cols = (cols + bc - 1) / bc;
+  const uint64_t g0 = first / cols / br, g1 = (first + n - 1) / cols / br;
+  const uint64_t count = (g1 - g0 + 1) * grid_cols, ssz = uint64_t(itemsize(s.dtype));
+  pread_all(src_fds_[q.file], raw, n, q.offset + first, job_.files[q.file].path, t.name, "source");
+  std::vector<unsigned char> sraw(count * ssz);
+  pread_all(src_fds_[s.file], sraw.data(), count * ssz, s.offset + g0 * grid_cols * ssz, job_.files[s.file].path,
+            t.name, "source");
+  scale.resize(count);
+  widen(sraw.data(), s.dtype, scale.data(), count);
+  // Row by row: the scale row of a weight row is fixed, its column block changes every bc elements.
+  for (uint64_t k = 0; k < n;) {
+    const uint64_t idx = first + k, r = idx / cols, c0 = idx % cols, len = std::min(cols - c0, n - k);
+    const float* srow = scale.data() + (r / br - g0) * grid_cols;
+    for (uint64_t c = c0; c < c0 + len; ++c, ++k) {
+      const float w = fp8_to_f32(raw[k], q.dtype), f = srow[c / bc];
+      if (finite) {
+        (*finite)[k] &= uint8_t(std::isfinite(w) && std::isfinite(f));
+      } else {
+        const float v = w * f;
+        acc[k] = add ? acc[k] + v : v;
+      }
+    }
+  }
+}
+
+void Engine::dequant(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf) {
+  const uint64_t osz = uint64_t(itemsize(t.dtype));
+  const uint64_t first = begin / osz, n = (end - begin) / osz;
+  const uint64_t max_elems = job_.options.buffer_bytes / 8;
+  float* acc = reinterpret_cast<float*>(buf);
+  unsigned char* raw = buf + 4 * max_elems;  // n FP8 bytes
+  for (const SourceRef& r : t.sources) check_source(r.file, t.name);
+  const size_t pairs = t.sources.size() / 2;
+  std::vector<float> scale;
+  for (size_t p = 0; p < pairs; ++p) dequant_pair(t, p, first, n, raw, scale, acc, p > 0, nullptr);
+  if (pairs > 1) {
+    const float count = float(pairs);
+    for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] / count;
+  }
+  if (t.factor != 1.0) {
+    const float f = float(t.factor);
+    for (uint64_t k = 0; k < n; ++k) acc[k] = acc[k] * f;
+  }
+  narrow_in_place(acc, t.dtype, n);
+  if (job_.options.check_finite && any_nonfinite(buf, t.dtype, n)) {
+    // Overflow only where every weight and scale the element came from is finite (as check_finite).
+    std::vector<uint8_t> bad(n);
+    for (uint64_t k = 0; k < n; ++k) bad[k] = is_nonfinite_at(buf, t.dtype, k);
+    for (size_t p = 0; p < pairs; ++p) dequant_pair(t, p, first, n, raw, scale, nullptr, false, &bad);
+    for (uint64_t k = 0; k < n; ++k)
+      if (bad[k])
+        throw Failure{"non-finite result at element " + std::to_string(first + k) + " from finite source values", "",
+                      t.name, 0, "overflow"};
+  }
+  write_skipping_zero_pages(out, buf, n * osz, t.out_offset + begin, t.name);
+}
+
 void Engine::transform(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf) {
+  if (t.op == OpKind::Dequant) return dequant(t, out, begin, end, buf);
   const uint64_t osz = uint64_t(itemsize(t.dtype));
   const uint64_t first = begin / osz, n = (end - begin) / osz;
   const uint64_t max_elems = job_.options.buffer_bytes / 8;

@@ -27,7 +27,10 @@
 
 namespace tli {
 
-enum class OpKind : uint8_t { ByteCopy = 0, Cast = 1, Scale = 2, Average = 3, Zeros = 4, Fill = 5, Uniform = 6 };
+enum class OpKind : uint8_t {
+  ByteCopy = 0, Cast = 1, Scale = 2, Average = 3, Zeros = 4, Fill = 5, Uniform = 6,
+  Dequant = 7  // sources: (FP8 weight, scale) pairs; see TensorTask::cols
+};
 
 struct SourceRef {
   uint32_t file;    // index into Job::files
@@ -48,6 +51,9 @@ struct TensorTask {
   bool has_pre_round = false;  // scale: round each source value to pre_round first
   DType pre_round = DType::BF16;
   std::vector<SourceRef> sources;
+  // Dequant: the weight's columns and the block (rows x columns) each scale element covers; the scale
+  // grid is ceil(rows / block_rows) x ceil(cols / block_cols), row-major.
+  uint64_t cols = 0, block_rows = 0, block_cols = 0;
 };
 
 enum class ShardMode : uint8_t { Write = 0, Verify = 1 };
@@ -175,6 +181,10 @@ class Engine {
   void finalize(uint32_t s, unsigned char* buf);
   void copy_bytes(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
   void transform(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
+  void dequant(const TensorTask& t, const Output& out, uint64_t begin, uint64_t end, unsigned char* buf);
+  // Weight elements [first, first + n) of pair p as f32 (into acc, or added to it) and each element's scale.
+  void dequant_pair(const TensorTask& t, size_t p, uint64_t first, uint64_t n, unsigned char* raw,
+                    std::vector<float>& scale, float* acc, bool add, std::vector<uint8_t>* finite);
   void copy_range(const TensorTask& t, int in_fd, uint64_t in_off, const Output& out, uint64_t out_off, uint64_t n,
                   unsigned char* buf);
   bool all_holes(const TensorTask& t, uint64_t first_elem, uint64_t n_elems);

@@ -16,7 +16,8 @@
 
 namespace tli {
 
-enum class DType : uint8_t { BF16 = 0, F16 = 1, F32 = 2, OTHER = 3 };
+// F8_*: only as the quantised weights of a dequant op (read through fp8_to_f32, never written).
+enum class DType : uint8_t { BF16 = 0, F16 = 1, F32 = 2, OTHER = 3, F8_E4M3 = 4, F8_E5M2 = 5 };
 
 inline uint32_t float_bits(float f) {
   uint32_t u;
@@ -73,7 +74,21 @@ inline uint32_t f32_canonical(float f) {
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : u;
 }
 
-inline int itemsize(DType d) { return d == DType::F32 ? 4 : 2; }
+inline int itemsize(DType d) {
+  if (d == DType::F8_E4M3 || d == DType::F8_E5M2) return 1;
+  return d == DType::F32 ? 4 : 2;
+}
+
+// An FP8 byte as f32, exactly. E4M3FN (bias 7): no infinities, S.1111.111 is NaN, exponent 0 holds
+// subnormals m * 2^-9. E5M2 is the top byte of an F16.
+inline float fp8_to_f32(uint8_t b, DType d) {
+  if (d == DType::F8_E5M2) return f16_to_f32(uint16_t(uint16_t(b) << 8));
+  const uint32_t sign = uint32_t(b & 0x80u) << 24;
+  const uint32_t exp = (b >> 3) & 15u, man = b & 7u;
+  if (exp == 15 && man == 7) return bits_float(sign | 0x7FC00000u);
+  const float mag = exp == 0 ? float(man) * 0.001953125f : bits_float(((exp + 120u) << 23) | (man << 20));
+  return bits_float(float_bits(mag) | sign);
+}
 
 // Widen n elements of `src` (dtype d, unaligned bytes) into f32.
 inline void widen(const unsigned char* src, DType d, float* out, uint64_t n) {

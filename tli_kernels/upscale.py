@@ -235,7 +235,7 @@ def check_numbers(plan: SurgeryPlan) -> None:
     recipe = plan.method == "recipe"
     for t in plan.tensors():
         op = t.op
-        if op.kind in ("scale", "average") and not _fits_f32(op.factor):
+        if op.kind in ("scale", "average", "dequant") and not _fits_f32(op.factor):
             what = f"scale {op.factor:g} (the recipe's parameters)" if recipe else f"--alpha {op.factor:g}"
             raise ValueError(
                 f"{what}: float32 cannot hold it (largest finite float32 {F32_MAX:.4g}); {t.name} would be inf or NaN"

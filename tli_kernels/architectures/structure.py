@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tli_kernels.architectures.registry import BY_MODEL_TYPE
 from tli_kernels.architectures.spec import Architecture, layer_name_regex, loose_layer_regex
 from tli_kernels.checkpoint.errors import CheckpointError
+from tli_kernels.checkpoint.quant import plain_keys, same_storage
 
 
 def architecture_names(config: dict) -> str:
@@ -24,15 +25,10 @@ def architecture_names(config: dict) -> str:
 
 
 def check_not_quantized(config: dict, config_path: str) -> None:
-    q = config.get("quantization_config")
-    if q is None or q == {}:
-        return
-    if not isinstance(q, dict):
-        raise CheckpointError(f"quantization_config is a {type(q).__name__}, expected an object", config_path)
-    method = q.get("quant_method", "?")
-    raise CheckpointError(
-        f"quantized checkpoints ({method}) are not supported: upscale the unquantized model", config_path
-    )
+    """Refuse a quantisation scheme tli cannot grow (FP8 ones are grown as such: checkpoint/quant.py)."""
+    from tli_kernels.checkpoint.quant import parse_scheme
+
+    parse_scheme(config, config_path)
 
 
 def resolve_architecture(config: dict, tensor_names, config_path: str) -> Architecture:
@@ -71,8 +67,12 @@ class DecoderStructure:
         strict, loose = layer_name_regex(prefix), loose_layer_regex(prefix)
         by_index: dict[int, dict] = {}
         names = set()
+        count_key, n = _layer_count(arch, config, config_path)
+        trailing = range(n, n + trailing_layers(config))  # DeepSeek's multi-token-prediction layers
         for name, t in tensors.items():
             m = strict.match(name)
+            if m and int(m.group(1)) in trailing:
+                continue  # not a decoder layer: carried outside the stack, renumbered after it
             if m:
                 by_index.setdefault(int(m.group(1)), {})[m.group(2)] = t
                 names.add(name)
@@ -84,7 +84,6 @@ class DecoderStructure:
                     getattr(t, "file", None),
                     name,
                 )
-        count_key, n = _layer_count(arch, config, config_path)
         present = sorted(by_index)
         if not present:
             raise CheckpointError(f"no decoder layer tensors ({prefix}.<i>.*) in the weights", config_path)
@@ -124,8 +123,8 @@ class DecoderStructure:
         first = self.layers[0]
         seen: dict[str, tuple] = {}
         for i, layer in enumerate(self.layers):
-            if arch.moe_layout is None and layer.keys() != first.keys():
-                diff = sorted(set(first) ^ set(layer))
+            if arch.moe_layout is None and plain_keys(layer) != plain_keys(first):
+                diff = sorted(plain_keys(first) ^ plain_keys(layer))
                 raise CheckpointError(
                     f"layer {i} has different tensors than layer 0 (e.g. {diff[0]!r}); "
                     f"{arch.name} layers must all be alike",
@@ -134,7 +133,7 @@ class DecoderStructure:
                 )
             for suffix, t in layer.items():
                 ref = seen.setdefault(suffix, (i, t.dtype, tuple(t.shape)))
-                if (t.dtype, tuple(t.shape)) != ref[1:]:
+                if tuple(t.shape) != ref[2] or not same_storage(t.dtype, ref[1]):
                     raise CheckpointError(
                         f"{t.dtype}{list(t.shape)} differs from layer {ref[0]}'s {ref[1]}{list(ref[2])}",
                         t.file,
@@ -173,6 +172,23 @@ def check_embeddings(config: dict, outside: list, config_path: str) -> None:
             "would start it at random",
             config_path,
         )
+
+
+def trailing_layers(config: dict) -> int:
+    """Layers stored after the decoder stack under the same prefix: DeepSeek-V3 keeps its
+    multi-token-prediction module at index num_hidden_layers (`num_nextn_predict_layers` of them)."""
+    k = config.get("num_nextn_predict_layers", 0)
+    return k if isinstance(k, int) and not isinstance(k, bool) and 0 < k < 64 else 0
+
+
+def renumber_trailing(name: str, prefix: str, n_src: int, n_out: int, count: int) -> str:
+    """`{prefix}.{n_src + k}.rest` -> `{prefix}.{n_out + k}.rest` for a trailing layer k < count."""
+    head = prefix + "."
+    if count and name.startswith(head):
+        index, dot, rest = name[len(head) :].partition(".")
+        if dot and index.isascii() and index.isdigit() and n_src <= int(index) < n_src + count:
+            return f"{head}{int(index) - n_src + n_out}.{rest}"
+    return name
 
 
 def _pick_prefix(arch: Architecture, tensors: dict, config_path: str) -> str:

@@ -35,7 +35,8 @@ Progress = Callable[[int], None]
 
 _DTYPE_CODES = {"BF16": 0, "F16": 1, "F32": 2}
 _OTHER_DTYPE = 3
-_OP_CODES = {"bytecopy": 0, "cast": 1, "scale": 2, "average": 3, "zeros": 4, "fill": 5, "uniform": 6}
+_FP8_CODES = {"F8_E4M3": 4, "F8_E5M2": 5}  # the weights of a dequant op only
+_OP_CODES = {"bytecopy": 0, "cast": 1, "scale": 2, "average": 3, "zeros": 4, "fill": 5, "uniform": 6, "dequant": 7}
 _MODE_WRITE, _MODE_VERIFY = 0, 1
 
 # Per-thread buffer bounds: below 256 KiB the syscall count dominates; 1, 4 and 16 MiB measured
@@ -150,7 +151,10 @@ def build_job(
             kind = op.kind
             if kind == "copy":
                 kind = "bytecopy" if srcs[0].dtype == t.dtype else "cast"
-            if kind not in ("bytecopy", "zeros"):
+            grid = (0, 0, 0)
+            if kind == "dequant":
+                grid = (t.shape[1], *op.block)
+            elif kind not in ("bytecopy", "zeros"):
                 assert t.dtype in ARITHMETIC_DTYPES and all(s.dtype in ARITHMETIC_DTYPES for s in srcs), t.name
             if kind == "bytecopy":
                 assert srcs[0].nbytes == t.nbytes, t.name
@@ -166,7 +170,17 @@ def build_job(
                     int(op.seed),
                     float(op.bound),
                     _DTYPE_CODES[op.pre_round] if op.pre_round else -1,
-                    [(file_index[s.file], s.offset, _dtype_code(s.dtype)) for s in srcs],
+                    [
+                        (
+                            file_index[s.file],
+                            s.offset,
+                            _FP8_CODES[s.dtype]
+                            if kind == "dequant" and s.dtype in _FP8_CODES
+                            else _dtype_code(s.dtype),
+                        )
+                        for s in srcs
+                    ],
+                    grid,
                 )
             )
             pos += t.nbytes

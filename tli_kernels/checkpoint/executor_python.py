@@ -123,6 +123,9 @@ def _write_tensor(
             progress(t.nbytes)
         return
     srcs = [sources.entry(s) for s in op.src]
+    if op.kind == "dequant":
+        _write_dequant(t, fd, pos, srcs, sources, chunk_elems, progress, out_path, check_finite)
+        return
     if op.kind == "copy" and srcs[0].dtype == t.dtype:
         sources.copy_bytes(srcs[0], fd, pos, copy_chunk, progress, out_path)
         return
@@ -138,6 +141,77 @@ def _write_tensor(
         _pwrite_all(fd, raw, pos + start * size, out_path)
         if progress:
             progress(k * size)
+
+
+def _write_dequant(
+    t: OutTensor,
+    fd: int,
+    pos: int,
+    srcs: list[TensorEntry],
+    sources: _SourceFiles,
+    chunk_elems: int,
+    progress: Progress | None,
+    out_path: str,
+    check_finite: bool,
+) -> None:
+    """The dequant op (plan.py): FP8 weights times their block scales, chunk by chunk."""
+    n, size = t.nbytes // DTYPE_SIZES[t.dtype], DTYPE_SIZES[t.dtype]
+    chunk_elems = max(1, chunk_elems // 2)  # int64 index arithmetic: about twice a transform's bytes per element
+    for start in range(0, n, chunk_elems):
+        k = min(chunk_elems, n - start)
+        for s in srcs:
+            sources.check_unchanged(s.file, s.name)
+        pairs = [dequant_inputs(t, q, sc, start, k, sources) for q, sc in zip(srcs[::2], srcs[1::2])]
+        x = pairs[0][0] * pairs[0][1]
+        for q, scale in pairs[1:]:
+            x = x + q * scale
+        if len(pairs) > 1:
+            x = x / np.float32(len(pairs))
+        if t.op.factor != 1.0:
+            x = x * np.float32(t.op.factor)
+        raw = f32_to_bytes(x, t.dtype)
+        if check_finite:
+            bad = nonfinite_mask(raw, t.dtype)
+            for q, scale in pairs:
+                bad &= np.isfinite(q) & np.isfinite(scale)
+            if bad.any():
+                raise CheckpointError(overflow_message(t, [srcs[0].dtype], start + int(np.argmax(bad))), None, t.name)
+        _pwrite_all(fd, raw, pos + start * size, out_path)
+        if progress:
+            progress(k * size)
+
+
+def dequant_inputs(
+    t: OutTensor, q: TensorEntry, scale: TensorEntry, start: int, k: int, sources: _SourceFiles
+) -> tuple[np.ndarray, np.ndarray]:
+    """Elements [start, start + k) of an FP8 weight as f32, and the f32 scale that applies to each."""
+    cols = t.shape[1]
+    br, bc = t.op.block
+    grid_cols = -(-cols // bc)
+    raw = os.pread(sources.fds[q.file], k, q.offset + start)
+    if len(raw) != k:
+        raise sources._short_read(q, len(raw), k)
+    values = FP8_TO_F32[q.dtype][np.frombuffer(raw, dtype=np.uint8)]
+    idx = np.arange(start, start + k, dtype=np.int64)
+    grid_rows = idx // cols // br
+    first = int(grid_rows[0]) * grid_cols
+    count = (int(grid_rows[-1]) + 1) * grid_cols - first
+    table = sources.read_f32(scale, first, count)
+    return values, table[grid_rows * grid_cols + (idx % cols) // bc - first]
+
+
+def _fp8_table(dtype: str) -> np.ndarray:
+    """f32 value of each of the 256 FP8 bytes (E4M3FN: no infinities, 0x7F/0xFF NaN; E5M2: F16's top byte)."""
+    b = np.arange(256, dtype=np.uint32)
+    if dtype == "F8_E5M2":
+        return (b << 8).astype(np.uint16).view(np.float16).astype(np.float32)
+    exp, man = (b >> 3) & 15, (b & 7).astype(np.float64)
+    mag = np.where(exp == 0, man * 2.0**-9, (8 + man) * np.exp2(exp.astype(np.float64) - 10))
+    mag = np.where((exp == 15) & (man == 7), np.nan, mag)
+    return np.where(b >= 128, -mag, mag).astype(np.float32)
+
+
+FP8_TO_F32 = {d: _fp8_table(d) for d in ("F8_E4M3", "F8_E5M2")}
 
 
 def _check_finite(t: OutTensor, srcs: list[TensorEntry], start: int, raw: bytes, sources: _SourceFiles) -> None:
@@ -169,6 +243,8 @@ def overflow_message(t: OutTensor, src_dtypes: list[str], element: int) -> str:
         )
     if op.kind == "average":
         return f"{where}: the sum of the averaged {src_dtypes[0]} weights overflows float32"
+    if op.kind == "dequant":
+        return f"{where}: the {src_dtypes[0]} weights times their scales overflow {t.dtype}; choose a wider --dtype"
     if op.kind == "copy":
         return f"{where}: {src_dtypes[0]} weights too large for {t.dtype}; choose another --dtype (or keep)"
     if op.kind == "uniform":

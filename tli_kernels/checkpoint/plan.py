@@ -13,6 +13,11 @@ Element-wise ops and their exact arithmetic (both executors MUST produce identic
            then s = s * f32(factor) if factor != 1 (with an offset: s = (s + o) * factor - o)
            A scale with `pre_round` R (BF16/F16) first rounds the source value to R and widens it
            again: mergekit's cast-then-scale, which rounds twice (recipes).
+- dequant  src = [q0, s0, q1, s1, ...]: FP8 weights (F8_E4M3 / F8_E5M2, 2-D [R, C]) with their scales
+           (BF16/F16/F32, one per block of `block` = [br, bc] elements: scale grid [ceil(R/br),
+           ceil(C/bc)], row-major); v_i = f32(q_i[r, c]) * f32(s_i[r // br, c // bc]) (the FP8 value
+           widens exactly; the product rounds once); s = v_0 (+ v_i for i = 1.. , then / f32(n) as
+           average); then s = s * f32(factor) if factor != 1 (checkpoint/quant.py)
 - zeros    out = 0 (written as a hole where the file system allows)
 - fill     out = f32(value)
 - uniform  per element index i (0-based within the tensor), splitmix64 on the u64 counter
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES, build_header, tensor_nbytes
 
 PLAN_FORMAT = "tli-surgery-plan/1"
-OP_KINDS = ("copy", "scale", "average", "zeros", "fill", "uniform")
+OP_KINDS = ("copy", "scale", "average", "dequant", "zeros", "fill", "uniform")
 SHARD_METADATA = {"format": "pt"}
 
 
@@ -48,11 +53,14 @@ class TensorOp:
     bound: float = 0.0
     offset: float = 0.0  # scale / average of a norm weight stored as (scale - offset)
     pre_round: str = ""  # scale: round the source value to this dtype first ("" = no)
+    block: list[int] = field(default_factory=list)  # dequant: weight rows x columns per scale element
 
     def to_json(self) -> dict:
         out: dict = {"kind": self.kind}
         if self.src:
             out["src"] = list(self.src)
+        if self.kind == "dequant":
+            out["factor"], out["block"] = self.factor, list(self.block)
         if self.kind in ("scale", "average"):
             out["factor"] = self.factor
             if self.offset:
@@ -274,6 +282,9 @@ def validate_plan(plan: SurgeryPlan, source_tensors: dict) -> None:
         wanted = {"copy": 1, "scale": 1, "zeros": 0, "fill": 0, "uniform": 0}.get(op.kind)
         if (len(op.src) != wanted) if wanted is not None else not op.src:
             raise ValueError(f"{where}: op {op.kind} got {len(op.src)} sources")
+        if op.kind == "dequant":
+            _validate_dequant(t, source_tensors, where)
+            continue
         sources = []
         for s in op.src:
             src = source_tensors.get(s)
@@ -288,6 +299,27 @@ def validate_plan(plan: SurgeryPlan, source_tensors: dict) -> None:
             for dtype, what in [(t.dtype, "produce")] + [(s.dtype, f"read (source {s.name!r})") for s in sources]:
                 if dtype not in ARITHMETIC_DTYPES:
                     raise ValueError(f"{where}: op {op.kind} cannot {what} dtype {dtype}")
+
+
+def _validate_dequant(t: OutTensor, source_tensors: dict, where: str) -> None:
+    op = t.op
+    if not op.src or len(op.src) % 2 or len(op.block) != 2 or any(b < 1 for b in op.block):
+        raise ValueError(f"{where}: op dequant needs (weight, scale) source pairs and a block [rows, cols]")
+    if t.dtype not in ARITHMETIC_DTYPES or len(t.shape) != 2:
+        raise ValueError(f"{where}: op dequant produces a 2-D BF16/F16/F32 tensor, not {t.dtype}{list(t.shape)}")
+    rows, cols = t.shape
+    grid = -(-rows // op.block[0]) * -(-cols // op.block[1])
+    for w_name, s_name in zip(op.src[::2], op.src[1::2]):
+        w, s = source_tensors.get(w_name), source_tensors.get(s_name)
+        if w is None or s is None:
+            raise ValueError(f"{where}: source tensor {w_name if w is None else s_name!r} is not in the checkpoint")
+        if w.dtype not in FP8_STORAGE or tuple(w.shape) != tuple(t.shape):
+            raise ValueError(f"{where}: dequant weight {w_name!r} is {w.dtype}{list(w.shape)}, not FP8 {list(t.shape)}")
+        if s.dtype not in ARITHMETIC_DTYPES or _numel(s.shape) != grid:
+            raise ValueError(f"{where}: dequant scale {s_name!r} is {s.dtype}{list(s.shape)}, expected {grid} values")
+
+
+FP8_STORAGE = ("F8_E4M3", "F8_E5M2")
 
 
 def write_json_atomic(path: str, obj: object) -> None:

@@ -9,6 +9,15 @@ LlamaForCausalLM, shards follow its model-0000i-of-0000n naming with an index.
 
     python -m tli_kernels.checkpoint.synthetic --preset llama-3.1-405b --sparse DIR
     python -m tli_kernels.checkpoint.synthetic --preset llama-3.2-1b DIR           # dense, 2.5 GB
+    python -m tli_kernels.checkpoint.synthetic --preset llama-3.1-405b --quant fbgemm-fp8 --sparse DIR
+
+`--quant fbgemm-fp8` gives Llama-3.1-405B-FP8's layout (quant_method fbgemm_fp8): the MLP weights of
+layers 1 .. N-2 in F8_E4M3, each followed by its per-row F32 `weight_scale` [rows, 1]; attention and
+the first and last layers' MLPs stay BF16 and are listed by name in `modules_to_not_convert` (with
+lm_head). `--quant fp8-block` quantises every decoder linear the DeepSeek-V3 / Qwen3-FP8 way
+(quant_method fp8, F32 `weight_scale_inv` per 128 x 128 block) on the Llama shapes: not a published
+Llama checkpoint, a block-scale layout at Llama-3.1-405B's size. Dense FP8 data is random bytes of
+finite E4M3 values with scales near 0.02 / 448.
 """
 
 from __future__ import annotations
@@ -144,6 +153,39 @@ def llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 FILLS = ("dense", "sparse", "special")
+QUANTS = ("fbgemm-fp8", "fp8-block")
+BLOCK = 128
+_MLP = ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")
+_ATTN = ("self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj")
+
+
+def block_fp8_layout(config: dict, dtype: str = "BF16") -> tuple[list[tuple[str, tuple[int, ...], str]], dict]:
+    """Every decoder linear in F8_E4M3 with an F32 `weight_scale_inv` per 128 x 128 block (quant_method fp8)."""
+    out = []
+    for name, shape in llama_tensors(config):
+        if name.startswith("model.layers.") and len(shape) == 2:
+            grid = (-(-shape[0] // BLOCK), -(-shape[1] // BLOCK))
+            out += [(name, shape, "F8_E4M3"), (name + "_scale_inv", grid, "F32")]
+        else:
+            out.append((name, shape, dtype))
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+    return out, quant
+
+
+def fbgemm_fp8_layout(config: dict, dtype: str = "BF16") -> tuple[list[tuple[str, tuple[int, ...], str]], dict]:
+    """(name, shape, dtype) of Llama-3.1-405B-FP8's tensors for `config`, and its quantization_config."""
+    n = config["num_hidden_layers"]
+    quantized = {f"model.layers.{i}.{m}" for i in range(1, n - 1) for m in _MLP}
+    out = []
+    for name, shape in llama_tensors(config):
+        module = name[: -len(".weight")]
+        if module in quantized:
+            out += [(name, shape, "F8_E4M3"), (module + ".weight_scale", (shape[0], 1), "F32")]
+        else:
+            out.append((name, shape, dtype))
+    keep = [f"model.layers.{i}.{m}" for i in range(n) for m in _ATTN + (_MLP if i in (0, n - 1) else ())]
+    quant = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": keep + ["lm_head"]}
+    return out, quant
 
 
 def write_checkpoint(
@@ -155,6 +197,7 @@ def write_checkpoint(
     num_shards: int | None = None,
     seed: int = 0,
     norm_dtype: str | None = None,
+    quant: str | None = None,
 ) -> list[str]:
     """Write config.json + safetensors shards (+ index when sharded). Returns the shard paths.
 
@@ -165,6 +208,12 @@ def write_checkpoint(
     if fill not in FILLS:
         raise ValueError(f"fill {fill!r}: choose one of {', '.join(FILLS)}")
     tensors = [(n, s, (norm_dtype or dtype) if len(s) == 1 else dtype) for n, s in llama_tensors(config)]
+    if quant is not None:
+        if quant not in QUANTS:
+            raise ValueError(f"quant {quant!r}: choose one of {', '.join(QUANTS)}")
+        layout = fbgemm_fp8_layout if quant == "fbgemm-fp8" else block_fp8_layout
+        tensors, quant_config = layout(config, dtype)
+        config = {**config, "quantization_config": quant_config}
     total = sum(tensor_nbytes(d, s) for _, s, d in tensors)
     num_shards = num_shards or 1
     target = math.ceil(total / num_shards)
@@ -191,7 +240,7 @@ def write_checkpoint(
                 if fill == "sparse":
                     f.seek(nbytes, os.SEEK_CUR)
                     continue
-                _write_random(f, shape, dt, rng, special=fill == "special")
+                _write_random(f, shape, dt, rng, special=fill == "special", scale=name.endswith(SCALE_SUFFIXES))
             f.truncate(f.tell())
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -219,8 +268,21 @@ SPECIAL_VALUES = np.array(
 )  # fmt: skip
 
 
-def _write_random(f, shape: tuple[int, ...], dtype: str, rng: np.random.Generator, special: bool = False) -> None:
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
+
+
+def _write_random(
+    f, shape: tuple[int, ...], dtype: str, rng: np.random.Generator, special: bool = False, scale: bool = False
+) -> None:
     n = math.prod(shape)
+    if dtype == "F8_E4M3":  # finite E4M3 bytes (0x7F / 0xFF are NaN): any byte but those
+        for start in range(0, n, 1 << 22):
+            b = rng.integers(0, 126, min(1 << 22, n - start), dtype=np.uint8)
+            f.write((b + (rng.random(len(b)) < 0.5).astype(np.uint8) * np.uint8(128)).tobytes())
+        return
+    if scale:  # an FP8 weight's scale (per row or per block), F32
+        f.write((np.float32(0.02 / 448) * (1 + rng.random(n, dtype=np.float32))).tobytes())
+        return
     norm = len(shape) == 1
     chunk = 1 << 22
     for start in range(0, n, chunk):
@@ -267,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (same shapes)")
     p.add_argument("--shards", type=int, default=None, help="number of shards (default: the hub's)")
     p.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"])
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=QUANTS,
+        help="an FP8 layout (fbgemm-fp8: Llama-3.1-405B-FP8's; fp8-block: 128x128 block scales)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if os.path.exists(args.dir) and os.listdir(args.dir):
@@ -274,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     kwargs = {"num_shards": args.shards} if args.shards else {}
     paths = write_preset(
-        args.dir, args.preset, fill=args.fill or "dense", layers=args.layers, dtype=args.dtype, seed=args.seed, **kwargs
+        args.dir,
+        args.preset,
+        fill=args.fill or "dense",
+        layers=args.layers,
+        dtype=args.dtype,
+        seed=args.seed,
+        quant=args.quant,
+        **kwargs,
     )
     apparent = sum(os.path.getsize(q) for q in paths)
     real = sum(os.stat(q).st_blocks * 512 for q in paths)

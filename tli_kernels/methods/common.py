@@ -12,9 +12,11 @@ import math
 from dataclasses import dataclass, field
 
 from tli_kernels.architectures import Architecture
+from tli_kernels.architectures.structure import renumber_trailing, trailing_layers
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import OutTensor, SurgeryPlan, TensorOp, pack_shards, validate_plan
+from tli_kernels.checkpoint.quant import QuantPlanner
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES, TensorEntry
 
 INITS = ("copy", "average", "zero", "random")
@@ -164,10 +166,20 @@ def build_plan(
     layout.check_decoder()
     arch, prefix = layout.architecture, layout.layer_prefix
     std = init_std(layout) if any(layer.init == "random" for layer in layers) else None
+    quant = QuantPlanner.for_layout(layout, DTYPE_OPTIONS[common.dtype])  # None unless FP8 (quant.py)
+    if quant is not None and (expand_layer is not None or carry is not None):
+        what = "a recipe" if carry is not None else f"--method {method}"
+        raise CheckpointError(
+            f"{what} does not take FP8-quantized sources yet (tli, dus, block-expansion, stack and passthrough do)",
+            layout.config_path,
+        )
     before, after = [], []
+    trailing = trailing_layers(layout.config)
     for t in layout.non_layer_tensors():
-        out = (carry or _carry)(t, common)
-        (before if _is_embedding(out.name) else after).append(out)
+        outs = quant.carry(t) if quant is not None else None
+        for out in [(carry or _carry)(t, common)] if outs is None else outs:
+            out.name = renumber_trailing(out.name, prefix, layout.num_layers, len(layers), trailing)
+            (before if _is_embedding(out.name) else after).append(out)
 
     middle: list[OutTensor] = []
     for j, layer in enumerate(layers):
@@ -178,6 +190,15 @@ def build_plan(
         for suffix, t0 in src_layers[0].items():
             name = f"{prefix}.{j}.{suffix}"
             entries = [sl[suffix] for sl in src_layers]
+            if quant is not None and quant.handles(suffix, src_layers[0]):
+                # An FP8 weight or its scale: the op the rule gives the weight, mapped onto them (alpha
+                # into the scale tensor).
+                def weight_op(w, layer=layer, j=j, src_layers=src_layers):
+                    return layer_op(w, layer, [sl[w] for sl in src_layers], f"{prefix}.{j}.{w}", common, arch, std)
+
+                out = quant.layer_tensor(suffix, src_layers, name, weight_op, f"output layer {j}")
+                middle.extend([out] if out is not None else [])
+                continue
             op = layer_op(suffix, layer, entries, name, common, arch, std)
             middle.append(OutTensor(name, out_dtype(t0.dtype, common), t0.shape, op))
 
@@ -186,7 +207,7 @@ def build_plan(
         method=method,
         options={**options, "dtype": common.dtype, "shard_size": common.shard_size, "seed": common.seed},
         source=layout.identity(),
-        config=rewrite_config(layout, layers, common, config_update),
+        config=rewrite_config(layout, layers, common, config_update, quant),
         layers=[layer.provenance(j) for j, layer in enumerate(layers)],
         shards=pack_shards(tensors, common.shard_size),
         side_files=list(layout.side_files),
@@ -207,7 +228,11 @@ def _carry(t: TensorEntry, common: CommonOptions) -> OutTensor:
 
 
 def rewrite_config(
-    layout: CheckpointLayout, layers: list[OutLayer], common: CommonOptions, update: dict | None
+    layout: CheckpointLayout,
+    layers: list[OutLayer],
+    common: CommonOptions,
+    update: dict | None,
+    quant: QuantPlanner | None = None,
 ) -> dict:
     """config.json for the output: layer count and every per-layer entry follow the layer map."""
     config = layout.config
@@ -240,6 +265,8 @@ def rewrite_config(
         for key in ("torch_dtype", "dtype"):
             if key in new or key == "dtype":
                 new[key] = DTYPE_CONFIG_NAMES[target]
+    if quant is not None:
+        quant.rewrite_config(new, origin, n_src, layout.layer_prefix)
     if update:
         new.update(update)
     assert n_src == layout.num_layers

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import OutTensor, TensorOp
+from tli_kernels.checkpoint.quant import parse_scheme
 from tli_kernels.methods.common import (
     CommonOptions,
     OutLayer,
@@ -100,6 +101,8 @@ def _check_source(layout: CheckpointLayout, target: Target) -> None:
 
 def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, top_k: int = 2):
     layout.check_decoder()
+    if parse_scheme(layout.config, layout.config_path) is not None:  # checkpoint/quant.py
+        raise CheckpointError("--method moe-upcycle does not take FP8-quantized sources yet", layout.config_path)
     check_int_option("experts", experts, 1, 1024)
     check_int_option("top-k", top_k, 1, experts, f" (cannot route to more than --experts {experts})")
     target_type = UPCYCLABLE.get(layout.model_type)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from tli_kernels import __version__
+from tli_kernels.architectures.registry import EXPERT_FILE_TENSOR, EXPERT_PART, MOVED_ROUTERS
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.executor_python import _compute_f32, _SourceFiles, bytes_to_f32, f32_to_bytes
 from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
@@ -241,15 +241,8 @@ class Piece:
     offset: int = 0
 
 
-# Checkpoint names -> transformers' fused parameters. MoE checkpoints keep one matrix per expert
-# (Mixtral: w1 = gate, w3 = up, w2 = down under block_sparse_moe; Qwen2/3-MoE: gate_proj, up_proj,
-# down_proj under mlp); transformers 5 stacks them into 3-D parameters on load: experts.down_proj
-# [E, hidden, I] and experts.gate_up_proj [E, 2I, hidden], gate rows first.
-_EXPERT = re.compile(
-    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(0|[1-9][0-9]*)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$"
-)
-_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-_MIXTRAL_ROUTER = re.compile(r"^(.*)\.block_sparse_moe\.gate\.weight$")
+# Checkpoint names -> transformers' fused parameters: MoE checkpoints keep one matrix per expert, which
+# transformers 5 stacks into 3-D parameters on load (the registry's MoE entries say how, `MoeNames`).
 
 
 def bind(model: nn.Module, plan: SurgeryPlan) -> dict[str, list[Piece]]:
@@ -292,16 +285,17 @@ def _place(t: OutTensor, shapes: dict[str, tuple]) -> tuple[str | None, Piece]:
                 f"tensor {t.name}: shape {list(t.shape)} in the checkpoint, {list(shapes[t.name])} in the model"
             )
         return t.name, Piece(t)
-    m = _EXPERT.match(t.name)
+    m = EXPERT_FILE_TENSOR.match(t.name)
     if m:
-        prefix, expert, part = m.group(1), int(m.group(2)), _EXPERT_PART[m.group(3)]
+        prefix, expert, part = m.group(1), int(m.group(2)), EXPERT_PART[m.group(3)]
         name = f"{prefix}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
         if name in shapes:
             offset = t.shape[0] if part == "up" else 0
             return name, Piece(t, index=expert, offset=offset)
-    m = _MIXTRAL_ROUTER.match(t.name)
-    if m and f"{m.group(1)}.mlp.gate.weight" in shapes:
-        return f"{m.group(1)}.mlp.gate.weight", Piece(t)
+    for router in MOVED_ROUTERS:
+        head = t.name.removesuffix("." + router)
+        if head != t.name and f"{head}.mlp.gate.weight" in shapes:
+            return f"{head}.mlp.gate.weight", Piece(t)
     return None, Piece(t)
 
 

@@ -147,7 +147,20 @@ def test_provenance_that_does_not_fit_is_named(tmp_path):
 
 @pytest.mark.parametrize(
     "model_type",
-    ["gemma2", "gpt2", "falcon", "mixtral", "qwen3_moe", "qwen2_moe", "phi3", "glm4", "deepseek_v2", "gpt_oss"],
+    [
+        "gemma2",
+        "gpt2",
+        "falcon",
+        "mixtral",
+        "qwen3_moe",
+        "qwen2_moe",
+        "phi3",
+        "glm4",
+        "granitemoe",
+        "deepseek_v2",
+        "ernie4_5_moe",
+        "gpt_oss",
+    ],
 )
 def test_upscale_on_load_for_other_families(tmp_path, model_type):
     """Every family's layout (prefixes, post norms, fused qkv, per-expert files -> fused 3-D expert

@@ -221,6 +221,11 @@ ENTRIES: tuple[Architecture, ...] = (
         ("granitemoe",),
         LLAMA_ATTN,
         Branch(("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")),
+        file_renames=(
+            ("block_sparse_moe.input_linear.weight", "block_sparse_moe.experts.gate_up_proj"),
+            ("block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj"),
+            ("block_sparse_moe.router.layer.weight", "block_sparse_moe.router.weight"),
+        ),
         notes="fused experts (input_linear, output_linear); residual_multiplier",
     ),
     Architecture(
@@ -271,6 +276,7 @@ ENTRIES: tuple[Architecture, ...] = (
         LLAMA_ATTN,
         Branch(DEEPSEEK_MOE_MLP.outputs + ("mlp.down_proj.bias", "mlp.shared_experts.down_proj.bias")),
         moe_layout="moe_layer_range",
+        file_renames=(("mlp.moe_statics.e_score_correction_bias", "mlp.gate.moe_statics.e_score_correction_bias"),),
         must_match=SHAPE_KEYS + ("moe_num_experts", "moe_k", "moe_num_shared_experts", "use_bias"),
         notes="MoE layers by start/end/interval, shared experts, router score-correction bias",
     ),
@@ -317,5 +323,6 @@ EXPERT_FILE_TENSOR = re.compile(
     + "|".join(sorted({w for m in _MOE for w in m.names.values()}))
     + r")\.weight$"
 )
+FILE_RENAMES: tuple[tuple[str, str], ...] = tuple(r for a in ENTRIES for r in a.file_renames)
 EXPERT_PART: dict[str, str] = {w: m.part_of(w) for m in _MOE for w in m.names.values()}
 MOVED_ROUTERS = tuple(sorted({m.router for m in _MOE if m.router != "mlp.gate.weight"}))

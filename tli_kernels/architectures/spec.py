@@ -159,6 +159,9 @@ class Architecture:
     embedding_names: tuple[str, ...] = EMBEDDING_NAMES
     head_names: tuple[str, ...] = HEAD_NAMES
     must_match: tuple[str, ...] = SHAPE_KEYS
+    # Layer-relative tensor names in files -> the name transformers gives the parameter on load, where they
+    # differ by more than the stacking of per-expert tensors (`moe`): e.g. Granite-MoE's fused files.
+    file_renames: tuple[tuple[str, str], ...] = ()
     # tli's kernels (integrations.hf) patch these model types: model_type -> what is particular about it.
     kernels: dict = field(default_factory=dict, compare=False)
     parallel: str = "sequential"  # "sequential", "parallel" or "config" (documentation and the checker)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tli_kernels import __version__
-from tli_kernels.architectures.registry import EXPERT_FILE_TENSOR, EXPERT_PART, MOVED_ROUTERS
+from tli_kernels.architectures.registry import EXPERT_FILE_TENSOR, EXPERT_PART, FILE_RENAMES, MOVED_ROUTERS
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.executor_python import _compute_f32, _SourceFiles, bytes_to_f32, f32_to_bytes
 from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
@@ -285,6 +285,10 @@ def _place(t: OutTensor, shapes: dict[str, tuple]) -> tuple[str | None, Piece]:
                 f"tensor {t.name}: shape {list(t.shape)} in the checkpoint, {list(shapes[t.name])} in the model"
             )
         return t.name, Piece(t)
+    for in_file, in_model in FILE_RENAMES:
+        head = t.name.removesuffix("." + in_file)
+        if head != t.name and f"{head}.{in_model}" in shapes:
+            return _place(OutTensor(f"{head}.{in_model}", t.dtype, t.shape, t.op), shapes)[0], Piece(t)
     m = EXPERT_FILE_TENSOR.match(t.name)
     if m:
         prefix, expert, part = m.group(1), int(m.group(2)), EXPERT_PART[m.group(3)]

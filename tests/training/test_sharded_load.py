@@ -157,6 +157,8 @@ def test_provenance_that_does_not_fit_is_named(tmp_path):
         "phi3",
         "glm4",
         "granitemoe",
+        "glm4_moe",
+        "deepseek_v3",
         "deepseek_v2",
         "ernie4_5_moe",
         "gpt_oss",

@@ -245,12 +245,23 @@ class Piece:
 # transformers 5 stacks into 3-D parameters on load (the registry's MoE entries say how, `MoeNames`).
 
 
+def filled_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint fills: parameters and persistent buffers (GLM-4-MoE's and DeepSeek-V3's
+    router score-correction bias is a buffer saved with the weights)."""
+    out: dict[str, torch.Tensor] = dict(model.named_parameters())
+    for module_name, module in model.named_modules():
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[f"{module_name}.{name}" if module_name else name] = b
+    return out
+
+
 def bind(model: nn.Module, plan: SurgeryPlan) -> dict[str, list[Piece]]:
-    """{parameter name: the plan tensors that fill it}; raises naming any parameter left empty or
-    tensor left over. Tied parameters appear once (named_parameters drops duplicates)."""
+    """{parameter or persistent buffer name: the plan tensors that fill it}; raises naming any parameter
+    left empty or tensor left over. Tied parameters appear once (named_parameters drops duplicates)."""
     params = dict(model.named_parameters())
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    shapes = {name: tuple(p.shape) for name, p in filled_tensors(model).items()}
     found: dict[str, list[Piece]] = {}
     leftover = []
     for t in plan.tensors():
@@ -350,7 +361,7 @@ def op_elements(t: OutTensor, start: int, count: int, sources) -> np.ndarray:
 def fill_from_plan(model: nn.Module, source: ModelSource, *, progress=None) -> int:
     """Fill each parameter's local rows from the plan; returns the source bytes read (this rank)."""
     bindings = bind(model, source.plan)
-    params = dict(model.named_parameters())
+    params = filled_tensors(model)
     check_snapshot(source)
     reader = _CountingReader(source.layout)
     with reader, torch.no_grad():

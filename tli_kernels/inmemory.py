@@ -25,7 +25,14 @@ from torch import nn
 from tli_kernels import __version__
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.safetensors_format import TensorEntry
-from tli_kernels.training.sharded_load import STORAGE_DTYPES, _fill_param, bind, build_meta_model, materialize
+from tli_kernels.training.sharded_load import (
+    STORAGE_DTYPES,
+    _fill_param,
+    bind,
+    build_meta_model,
+    filled_tensors,
+    materialize,
+)
 
 MEMORY = "<memory>"
 
@@ -105,7 +112,7 @@ def upscale_model(model: nn.Module, method: str, *, dtype: str = "keep", seed: i
     new = build_meta_model(plan.config, dtype=torch_dtype)
     materialize(new, "cpu")
     with torch.no_grad():
-        params = dict(new.named_parameters())
+        params = filled_tensors(new)
         for name, pieces in bind(new, plan).items():
             target = params[name]
             dtypes = {p.tensor.dtype for p in pieces}

@@ -37,6 +37,9 @@ class Family:
     tie: bool = False
     upcycle_to: str | None = None  # moe-upcycle target model_type
     base: bool = True  # start from BASE
+    # Method cases (test_upscale_by_architecture.CASES) whose layer map the config cannot express: the
+    # one-line refusal expected instead of an output.
+    refuses: dict = field(default_factory=dict)
 
     def make_config(self, tie: bool | None = None):
         from transformers import AutoConfig
@@ -47,6 +50,10 @@ class Family:
 
 
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+MOE_DEEPSEEK = dict(
+    n_routed_experts=4, num_experts_per_tok=4, moe_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1
+)
+MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 FAMILIES = {
     f.model_type: f
     for f in [
@@ -85,6 +92,57 @@ FAMILIES = {
             base=False,
         ),
         Family("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+        Family(
+            "glm4",
+            dict(head_dim=16, pad_token_id=0, partial_rotary_factor=0.5),
+            branches=("post_self_attn_layernorm", "post_mlp_layernorm"),
+        ),
+        Family(
+            "granitemoe",
+            dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5, attention_multiplier=0.2),
+            branches=("self_attn", "block_sparse_moe"),
+        ),
+        # Every routed expert chosen (top 4 of 4): each expert's mapping shows in the logits, and bf16 rounding
+        # (alpha folded into weights vs applied by a hook) cannot flip a near-tied top-k choice.
+        Family(
+            "glm4_moe",
+            dict(MOE_DEEPSEEK, head_dim=16, pad_token_id=0, first_k_dense_replace=1),
+            refuses={"stack": "output layer 6 would be a dense layer .* first_k_dense_replace cannot express"},
+        ),
+        # MLA with both query forms: low-rank (q_a_proj, q_a_layernorm, q_b_proj) in V3, a plain q_proj in V2.
+        Family(
+            "deepseek_v3",
+            dict(MOE_DEEPSEEK, **MLA, num_key_value_heads=4, first_k_dense_replace=1),
+            refuses={"stack": "output layer 6 would be a dense layer .* first_k_dense_replace cannot express"},
+        ),
+        Family(
+            "deepseek_v2",
+            dict(MOE_DEEPSEEK, **{**MLA, "q_lora_rank": None}, num_key_value_heads=4, first_k_dense_replace=1),
+            refuses={"stack": "output layer 6 would be a dense layer .* first_k_dense_replace cannot express"},
+        ),
+        Family(
+            "gpt_oss",
+            dict(
+                head_dim=16,
+                pad_token_id=0,
+                intermediate_size=32,
+                num_local_experts=4,
+                num_experts_per_tok=4,
+                sliding_window=8,
+            ),
+        ),  # fmt: skip
+        Family(
+            "ernie4_5_moe",
+            dict(
+                pad_token_id=0,
+                moe_num_experts=4,
+                moe_k=4,
+                moe_intermediate_size=32,
+                moe_num_shared_experts=1,
+                moe_layer_start_index=1,
+            ),
+            refuses={"stack": "output layer 6 would be a dense layer .* moe_layer_range cannot express"},
+        ),  # fmt: skip
         Family("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0])),
         Family(
             "qwen2_moe",
@@ -103,7 +161,7 @@ def build_model(family: Family, *, seed: int = 0, tie: bool | None = None):
     model = AutoModelForCausalLM.from_config(family.make_config(tie)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1:
+            if p.dim() == 1 or name.endswith("_bias"):  # gpt-oss's expert biases are [experts, width]
                 if name.endswith("bias"):
                     p.uniform_(-0.3, 0.3)
                 else:

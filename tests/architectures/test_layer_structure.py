@@ -161,3 +161,17 @@ def test_a_transposed_embedding_is_refused(tmp_path):
     tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].t().contiguous()
     save_file(tensors, path, metadata={"format": "pt"})
     _refused(src, str(tmp_path / "out"), r"vocab_size in config.json is 128 but the embedding .* is \[64, 128\]")
+
+
+def test_a_multi_token_prediction_layer_is_refused_by_name(tmp_path):
+    """DeepSeek-V3 / GLM-4-MoE checkpoints store their MTP layer at index num_hidden_layers (transformers
+    skips it on load); tli says what it is instead of growing the model without it."""
+    src = save_model(build_model(FAMILIES["glm4_moe"]), str(tmp_path / "src"))
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    n = json.load(open(os.path.join(src, "config.json"), encoding="utf-8"))["num_hidden_layers"]
+    head = f"model.layers.{n - 1}."
+    weights.update({f"model.layers.{n}." + k[len(head) :]: v.clone() for k, v in weights.items() if k.startswith(head)})
+    save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"layers {n} lie beyond it: the multi-token-prediction layers of "):
+        upscale(src, str(tmp_path / "out"), "tli", options=dict(k=2, init="zero", alpha=1.0))
+    assert not os.path.exists(tmp_path / "out")

@@ -145,7 +145,25 @@ def test_provenance_that_does_not_fit_is_named(tmp_path):
         open_source(src)
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "falcon", "mixtral", "qwen3_moe", "qwen2_moe", "phi3"])
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "gemma2",
+        "gpt2",
+        "falcon",
+        "mixtral",
+        "qwen3_moe",
+        "qwen2_moe",
+        "phi3",
+        "glm4",
+        "granitemoe",
+        "glm4_moe",
+        "deepseek_v3",
+        "deepseek_v2",
+        "ernie4_5_moe",
+        "gpt_oss",
+    ],
+)
 def test_upscale_on_load_for_other_families(tmp_path, model_type):
     """Every family's layout (prefixes, post norms, fused qkv, per-expert files -> fused 3-D expert
     parameters) loads bit for bit as tli upscale + stock transformers would."""

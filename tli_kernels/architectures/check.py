@@ -59,21 +59,17 @@ def apply_rule(layer, arch: Architecture, *, zero: tuple[str, ...] = (), alpha: 
     import torch
 
     alpha = alpha or {}
-    post = arch.post_norms()
     with torch.no_grad():
         for name, p in layer.named_parameters():
             branch = arch.branch_of(name)
+            target = arch.alpha_target(name)
             if branch is not None and branch in zero:
                 p.zero_()
-            elif branch is not None and branch in alpha and not _post_normed(arch, branch):
-                p.mul_(alpha[branch])
-            elif name in post and post[name] in alpha:
+            elif target is not None and target[0] in alpha and target[1] == "scale":
+                p.mul_(alpha[target[0]])
+            elif target is not None and target[0] in alpha:  # a post norm
                 off = arch.norm_offset
-                p.copy_((p + off) * alpha[post[name]] - off)
-
-
-def _post_normed(arch: Architecture, branch: str) -> bool:
-    return (arch.attn if branch == "attn" else arch.mlp).post_norm is not None
+                p.copy_((p + off) * alpha[target[0]] - off)
 
 
 def check_rule(model, arch: Architecture, *, layer: int = 1, seed: int = 0) -> RuleReport:

@@ -13,15 +13,7 @@ from tli_kernels.architectures.spec import Architecture
 def fold_tensor_names(arch: Architecture, suffixes) -> dict[str, str]:
     """layer-relative tensor name -> 'scale' (a branch output) or 'norm' (a post norm), for the
     tensors alpha is folded into."""
-    out = {}
-    post = arch.post_norms()
-    for s in suffixes:
-        branch = arch.branch_of(s)
-        if branch is not None and (arch.attn if branch == "attn" else arch.mlp).post_norm is None:
-            out[s] = "scale"
-        elif s in post:
-            out[s] = "norm"
-    return out
+    return {s: how for s, (_, how) in arch.alpha_targets(suffixes).items()}
 
 
 def fold_factors(names, scales: dict[int, float], arch: Architecture, prefix: str) -> dict[str, tuple[float, float]]:

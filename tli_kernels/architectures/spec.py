@@ -24,6 +24,47 @@ from dataclasses import dataclass, field
 # A pattern is a layer-relative tensor name in which `*` stands for an expert index.
 _WILDCARD = "*"
 
+# The norms a decoder block holds, by layout (which of them follow a branch is each entry's post_norm).
+NORM_LAYOUTS = {
+    "pre-norm": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post-norm": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}  # fmt: skip
+# Tensors outside the layers: token embeddings and output heads (name endings), and the name parts that
+# put a tensor before the layers in the output (token and position embeddings).
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+# Config entries that must agree between the models of a recipe: they fix tensor shapes or what a layer
+# computes. A family adds its own (MLA ranks, say) to its entry's `must_match`.
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "hidden_act",
+    "hidden_activation",
+    "attention_bias",
+    "mlp_bias",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "n_embd",
+    "n_head",
+    "n_inner",
+    "parallel_attn",
+    "use_parallel_residual",
+    "new_decoder_architecture",
+    "query_pre_attn_scalar",
+)
+
 
 def compile_pattern(pattern: str) -> re.Pattern:
     parts = [re.escape(p) for p in pattern.split(_WILDCARD)]
@@ -61,6 +102,37 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class MoeNames:
+    """How an MoE family names its router and experts in a checkpoint (what transformers writes and reads),
+    and the config a dense model upcycled into it (`moe-upcycle`) needs.
+
+    router: layer-relative name of the router weight in files; in memory it is always `mlp.gate.weight`.
+    expert: layer-relative name of an expert tensor: {e} the expert index, {w} its projection's name.
+    names: dense MLP tensor -> the expert's projection name. transformers 5 stacks the per-expert
+      matrices into `mlp.experts.gate_up_proj` [E, 2I, hidden] (gate rows first) and
+      `mlp.experts.down_proj` [E, hidden, I] on load.
+    """
+
+    architecture: str  # the transformers class of the MoE model
+    router: str
+    expert: str
+    names: dict
+    config: dict = field(default_factory=dict)
+    shared_expert: bool = False
+    attention_bias: str = "none"  # "none": q/k/v/o without bias; "qkv": q/k/v biases; "config": attention_bias
+
+    @property
+    def experts_module(self) -> str:
+        """The layer-relative module holding the per-expert tensors in files (`block_sparse_moe`, `mlp`)."""
+        return self.expert.split(".experts.", 1)[0]
+
+    def part_of(self, projection: str) -> str:
+        """'gate', 'up' or 'down': which dense projection an expert's projection name stands for."""
+        dense = next(d for d, w in self.names.items() if w == projection)
+        return dense.split(".")[1].removesuffix("_proj")
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A decoder family, described as data. `name` is the registry key (usually the model_type)."""
 
@@ -78,8 +150,20 @@ class Architecture:
     moe_layout: str | None = None
     # Config flags under which moving a layer changes what it computes: (key, bad value, why).
     refuse_if: tuple[tuple[str, object, str], ...] = ()
-    # moe-upcycle target: the sibling MoE model_type this dense family upcycles into.
+    # moe-upcycle target: the sibling MoE model_type this dense family upcycles into (an entry with `moe`).
     moe_sibling: str | None = None
+    # An MoE family's file names for routers and experts (the target of moe-upcycle, the training loader's
+    # map from files to transformers' stacked expert parameters).
+    moe: MoeNames | None = None
+    # Tensors outside the layers (see EMBEDDING_NAMES), and the config entries recipes' models must share.
+    embedding_names: tuple[str, ...] = EMBEDDING_NAMES
+    head_names: tuple[str, ...] = HEAD_NAMES
+    must_match: tuple[str, ...] = SHAPE_KEYS
+    # Layer-relative tensor names in files -> the name transformers gives the parameter on load, where they
+    # differ by more than the stacking of per-expert tensors (`moe`): e.g. Granite-MoE's fused files.
+    file_renames: tuple[tuple[str, str], ...] = ()
+    # tli's kernels (integrations.hf) patch these model types: model_type -> what is particular about it.
+    kernels: dict = field(default_factory=dict, compare=False)
     parallel: str = "sequential"  # "sequential", "parallel" or "config" (documentation and the checker)
     notes: str = ""
     proven_by: str = "tests/architectures"  # or "instance check" for a generic rule
@@ -93,6 +177,37 @@ class Architecture:
         if self.mlp.matches(suffix):
             return "mlp"
         return None
+
+    def alpha_target(self, suffix: str) -> tuple[str, str] | None:
+        """(branch, how) when a branch's alpha goes into tensor `suffix` (layer-relative), else None.
+
+        how = "scale": a branch output, multiplied by alpha; "norm": the post norm that follows the branch,
+        whose weight w becomes (w + norm_offset) * alpha - norm_offset (a scaled projection in front of a
+        norm would be normalised away, so there the outputs are left alone). The one rule every writer of
+        alpha uses: the plan (methods), recipes, the instance check and the in-memory fold."""
+        branch = self.branch_of(suffix)
+        if branch is not None:
+            return None if self.branch(branch).post_norm else (branch, "scale")
+        for name, b in (("attn", self.attn), ("mlp", self.mlp)):
+            if b.post_norm == suffix:
+                return (name, "norm")
+        return None
+
+    def alpha_targets(self, suffixes) -> dict[str, tuple[str, str]]:
+        """{suffix: (branch, how)} for the tensors among `suffixes` that take alpha (see alpha_target)."""
+        out = {}
+        for s in suffixes:
+            target = self.alpha_target(s)
+            if target is not None:
+                out[s] = target
+        return out
+
+    def branch(self, name: str) -> Branch:
+        return self.attn if name == "attn" else self.mlp
+
+    def is_embedding(self, name: str) -> bool:
+        """Whether a tensor outside the layers goes before them in the output (token/position embeddings)."""
+        return any(h in name for h in EMBEDDING_HINTS)
 
     def post_norms(self) -> dict[str, str]:
         """layer-relative norm weight name -> branch, for branches followed by a norm."""
@@ -132,7 +247,7 @@ def branch_module(arch: Architecture, branch: str) -> str:
     """Path (within a decoder layer) of the module whose output is the branch as it joins the residual:
     the post norm where there is one, else the block the output tensors live in (self_attn, mlp, ...).
     Scaling that module's output by alpha is alpha's definition; the tests check it against the rule."""
-    b = arch.attn if branch == "attn" else arch.mlp
+    b = arch.branch(branch)
     if b.post_norm:
         return b.post_norm.rsplit(".", 1)[0]
     return b.outputs[0].split(".", 1)[0]

@@ -89,7 +89,13 @@ class DecoderStructure:
             raise CheckpointError(f"no decoder layer tensors ({prefix}.<i>.*) in the weights", config_path)
         if len(present) != n or present[-1] != n - 1:  # present is sorted and unique: 0..n-1 exactly
             extra = [i for i in present if i >= n]
-            if extra:
+            mtp = config.get("num_nextn_predict_layers")
+            if extra and isinstance(mtp, int) and extra == list(range(n, n + mtp)):
+                what = (
+                    f"layers {_ranges(extra)} lie beyond it: the multi-token-prediction layers of "
+                    f"num_nextn_predict_layers = {mtp}, which tli does not carry through a new layer order yet"
+                )
+            elif extra:
                 what = f"layers {_ranges(extra)} lie beyond it"
             else:
                 gaps = [i for i in range(present[-1]) if i not in by_index]
@@ -118,8 +124,8 @@ class DecoderStructure:
                 if branch.post_norm and branch.post_norm not in layer:
                     where = f"{self.prefix}.{i}.{branch.post_norm}"
                     raise CheckpointError(f"decoder layer {i} lacks its {branch_name} post norm", layout.path, where)
-        check_embeddings(layout.config, [t for n, t in layout.tensors.items() if n not in self.layer_names],
-                         config_path)  # fmt: skip
+        outside = [t for n, t in layout.tensors.items() if n not in self.layer_names]
+        check_embeddings(arch, layout.config, outside, config_path)
         first = self.layers[0]
         seen: dict[str, tuple] = {}
         for i, layer in enumerate(self.layers):
@@ -144,16 +150,14 @@ class DecoderStructure:
         return any(".experts." in s or s.endswith("experts.down_proj") for s in self.layers[i])
 
 
-EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 
-def check_embeddings(config: dict, outside: list, config_path: str) -> None:
+def check_embeddings(arch: Architecture, config: dict, outside: list, config_path: str) -> None:
     """config.json must describe the embedding the weights hold (vocab_size x hidden size), and an
     untied model must carry its output head: otherwise transformers could not load the output, or
     would fill the head at random."""
-    embeds = [t for t in outside if t.name.endswith(EMBEDDING_NAMES) and len(t.shape) == 2]
+    embeds = [t for t in outside if t.name.endswith(arch.embedding_names) and len(t.shape) == 2]
     if len(embeds) != 1:
         return  # an architecture tli cannot read this way: the instance check and loading decide
     embed = embeds[0]
@@ -166,7 +170,7 @@ def check_embeddings(config: dict, outside: list, config_path: str) -> None:
                 config_path,
             )
     tied = config.get("tie_word_embeddings", True)
-    if tied is False and not any(t.name.endswith(HEAD_NAMES) for t in outside):
+    if tied is False and not any(t.name.endswith(arch.head_names) for t in outside):
         raise CheckpointError(
             "tie_word_embeddings is false but the weights hold no output head (lm_head.weight): transformers "
             "would start it at random",

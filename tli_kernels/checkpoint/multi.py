@@ -23,33 +23,6 @@ from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.safetensors_format import ARITHMETIC_DTYPES, TensorEntry
 
 SEP = "::"
-# Config entries that must agree between sources: they fix tensor shapes or what a layer computes.
-MUST_MATCH = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "tie_word_embeddings",
-    "hidden_act",
-    "hidden_activation",
-    "attention_bias",
-    "mlp_bias",
-    "num_local_experts",
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "n_embd",
-    "n_head",
-    "n_inner",
-    "parallel_attn",
-    "use_parallel_residual",
-    "new_decoder_architecture",
-    "query_pre_attn_scalar",
-)
 # Entries that may differ (the output takes the config donor's): said in a warning when they do.
 # Anything else that differs is bookkeeping (names, token ids, dtype) and passes silently.
 WARN_IF_DIFFERENT = (
@@ -94,7 +67,7 @@ def check_compatible(sources: list[NamedSource], dtype_set: bool) -> list[str]:
                 f"from models of one architecture",
                 s.layout.config_path,
             )
-        for key in MUST_MATCH:
+        for key in ref_arch.must_match:
             if a.get(key) != b.get(key):
                 raise CheckpointError(
                     f"{where} differ in {key} ({_short(a.get(key))} vs {_short(b.get(key))}): their layers do not fit "

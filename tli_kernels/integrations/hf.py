@@ -37,6 +37,7 @@ from pathlib import Path
 from torch import nn
 
 from tli_kernels.architectures import BY_MODEL_TYPE
+from tli_kernels.architectures.registry import KERNEL_FAMILIES
 from tli_kernels.modules.attention import attention_support, patch_attention, unpatch_attention
 from tli_kernels.modules.decoder_layer import (
     ALPHA_NAME,
@@ -51,23 +52,6 @@ from tli_kernels.modules.norm import norm_numerics, patch_rms_norm, unpatch_rms_
 
 logger = logging.getLogger(__name__)
 
-# model_type -> what is particular about it (for the report and docs/kernels.md).
-KERNEL_FAMILIES: dict[str, str] = {
-    "llama": "Llama 2/3.x, SmolLM/SmolLM2",
-    "mistral": "sliding window",
-    "qwen2": "q/k/v biases, sliding window",
-    "qwen3": "per-head q/k norms",
-    "smollm3": "NoPE layers (no RoPE on every few layers)",
-    "granite": "residual and attention multipliers (embedding multiplier and logit scaling stay in the stock model)",
-    "phi3": "fused qkv_proj and gate_up_proj, residual dropout",
-    "gemma": "(1 + w) norms in float32, GeGLU (tanh GELU)",
-    "gemma2": "sandwich norms; soft-capped attention stays stock on sdpa/eager",
-    "gemma3_text": "sandwich norms, per-head (1 + w) q/k norms, local/global RoPE",
-    "olmo2": "post norms only, q/k norms over the whole projection",
-    "mixtral": "attention and norms; the MoE block stays stock",
-    "qwen3_moe": "attention (q/k norms) and norms; MoE blocks stay stock, dense MLPs patched",
-    "qwen2_moe": "attention and norms; MoE blocks (shared expert included) stay stock",
-}
 SUPPORTED_MODEL_TYPES = tuple(KERNEL_FAMILIES)
 PROVENANCE_FILE = "tli_provenance.json"
 KINDS = ("block", "attention", "mlp", "final norm")

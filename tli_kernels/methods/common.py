@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from tli_kernels.architectures import Architecture
+from tli_kernels.architectures.layer_kinds import layout_config
 from tli_kernels.architectures.structure import renumber_trailing, trailing_layers
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
@@ -108,10 +109,9 @@ def layer_op(
     alpha scales a branch through its output tensors, or, where a norm follows the branch, through that
     norm's weight (stored as scale - norm_offset, hence the offset)."""
     branch = arch.branch_of(suffix)
-    post_norm_of = arch.post_norms().get(suffix)
-    scaled_here = post_norm_of is not None or (branch is not None and not _has_post_norm(arch, branch))
-    factor = layer.alpha if scaled_here else 1.0
-    offset = arch.norm_offset if post_norm_of is not None and factor != 1.0 else 0.0
+    target = arch.alpha_target(suffix)
+    factor = layer.alpha if target is not None else 1.0
+    offset = arch.norm_offset if target is not None and target[1] == "norm" and factor != 1.0 else 0.0
     if layer.init == "zero" and branch is not None:
         return TensorOp("zeros")
     if layer.init == "random":
@@ -127,10 +127,6 @@ def layer_op(
     if factor != 1.0:
         return TensorOp("scale", src=srcs, factor=factor, offset=offset)
     return TensorOp("copy", src=srcs)
-
-
-def _has_post_norm(arch: Architecture, branch: str) -> bool:
-    return (arch.attn if branch == "attn" else arch.mlp).post_norm is not None
 
 
 def source_layers(layout: CheckpointLayout, layer: OutLayer, j: int) -> list[dict[str, TensorEntry]]:
@@ -179,7 +175,7 @@ def build_plan(
         outs = quant.carry(t) if quant is not None else None
         for out in [(carry or _carry)(t, common)] if outs is None else outs:
             out.name = renumber_trailing(out.name, prefix, layout.num_layers, len(layers), trailing)
-            (before if _is_embedding(out.name) else after).append(out)
+            (before if arch.is_embedding(out.name) else after).append(out)
 
     middle: list[OutTensor] = []
     for j, layer in enumerate(layers):
@@ -216,13 +212,6 @@ def build_plan(
     return plan
 
 
-_EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings")
-
-
-def _is_embedding(name: str) -> bool:
-    return any(h in name for h in _EMBEDDING_HINTS)
-
-
 def _carry(t: TensorEntry, common: CommonOptions) -> OutTensor:
     return OutTensor(t.name, out_dtype(t.dtype, common), t.shape, TensorOp("copy", src=[t.name]))
 
@@ -256,10 +245,16 @@ def rewrite_config(
         while prefix < len(origin) and origin[prefix] < mwl:
             prefix += 1
         new["max_window_layers"] = prefix
-    if layout.architecture.moe_layout == "mlp_only_layers":
+    moe_layout = layout.architecture.moe_layout
+    if moe_layout == "mlp_only_layers":
         structure = layout._structure()
         new["mlp_only_layers"] = [j for j, s in enumerate(origin) if not structure.is_moe_layer(s)]
         new["decoder_sparse_step"] = 1
+    elif moe_layout is not None:
+        try:
+            new.update(layout_config(moe_layout, layout.model_type, origin, layout._structure().is_moe_layer))
+        except ValueError as e:
+            raise CheckpointError(str(e), layout.config_path) from None
     target = DTYPE_OPTIONS[common.dtype]
     if target:
         for key in ("torch_dtype", "dtype"):

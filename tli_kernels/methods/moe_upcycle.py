@@ -12,9 +12,11 @@ The checkpoint uses the per-expert tensor names transformers writes and reads.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
 
+from tli_kernels.architectures.registry import MLP_TENSORS, MOE_SIBLINGS
+from tli_kernels.architectures.spec import Architecture
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.layout import CheckpointLayout
 from tli_kernels.checkpoint.plan import OutTensor, TensorOp
@@ -29,74 +31,25 @@ from tli_kernels.methods.common import (
     out_dtype,
 )
 
-MLP_TENSORS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
-
-@dataclass(frozen=True)
-class Target:
-    """How an MoE sibling names its router and experts, and the config it needs."""
-
-    model_type: str
-    architecture: str
-    router: str  # layer-relative name of the router weight
-    expert: str  # layer-relative name of an expert tensor: {e} expert index, {w} its own projection name
-    names: dict  # dense MLP tensor -> the expert's projection name
-    config: dict = field(default_factory=dict)
-    shared_expert: bool = False
-    attention_bias: str = "none"  # "none": q/k/v/o without bias; "qkv": q/k/v biases; "config": attention_bias
-
-
-TARGETS = {
-    "mixtral": Target(
-        "mixtral",
-        "MixtralForCausalLM",
-        router="block_sparse_moe.gate.weight",
-        expert="block_sparse_moe.experts.{e}.{w}.weight",
-        names={"mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3"},
-        config={"router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0},
-    ),
-    "qwen3_moe": Target(
-        "qwen3_moe",
-        "Qwen3MoeForCausalLM",
-        router="mlp.gate.weight",
-        expert="mlp.experts.{e}.{w}.weight",
-        names={s: s.split(".")[1] for s in MLP_TENSORS},
-        config={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001},
-        attention_bias="config",
-    ),
-    "qwen2_moe": Target(
-        "qwen2_moe",
-        "Qwen2MoeForCausalLM",
-        router="mlp.gate.weight",
-        expert="mlp.experts.{e}.{w}.weight",
-        names={s: s.split(".")[1] for s in MLP_TENSORS},
-        config={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001},
-        shared_expert=True,
-        attention_bias="qkv",
-    ),
-}
-UPCYCLABLE = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
-
-
-def _check_source(layout: CheckpointLayout, target: Target) -> None:
+def _check_source(layout: CheckpointLayout, sibling: Architecture) -> None:
+    target = sibling.moe
     template = layout.layer_tensors(0)
     path = layout.config_path
     extra = sorted(s for s in template if s.startswith("mlp.") and s not in MLP_TENSORS)
     if extra or any(s not in template for s in MLP_TENSORS):
         bad = extra[0] if extra else next(s for s in MLP_TENSORS if s not in template)
-        raise CheckpointError(f"{target.model_type} experts are gate/up/down projections; no slot for {bad}", path)
+        raise CheckpointError(f"{sibling.name} experts are gate/up/down projections; no slot for {bad}", path)
     biases = {s.split(".")[1] for s in template if s.startswith("self_attn.") and s.endswith(".bias")}
     allowed = {"none": set(), "qkv": {"q_proj", "k_proj", "v_proj"}, "config": biases}[target.attention_bias]
     if target.attention_bias == "qkv" and biases != allowed:
         raise CheckpointError(
-            f"{target.model_type} has q/k/v biases and no o_proj bias; this model's attention biases are "
+            f"{sibling.name} has q/k/v biases and no o_proj bias; this model's attention biases are "
             f"{sorted(biases) or 'none'}",
             path,
         )
     if not biases <= allowed:
-        raise CheckpointError(
-            f"{target.model_type} attention has no bias but layer 0 has {sorted(biases)[0]} bias", path
-        )
+        raise CheckpointError(f"{sibling.name} attention has no bias but layer 0 has {sorted(biases)[0]} bias", path)
 
 
 def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, top_k: int = 2):
@@ -105,16 +58,16 @@ def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, t
         raise CheckpointError("--method moe-upcycle does not take FP8-quantized sources yet", layout.config_path)
     check_int_option("experts", experts, 1, 1024)
     check_int_option("top-k", top_k, 1, experts, f" (cannot route to more than --experts {experts})")
-    target_type = UPCYCLABLE.get(layout.model_type)
-    if target_type is None:
-        pairs = ", ".join(f"{a} -> {b}" for a, b in UPCYCLABLE.items())
+    sibling = MOE_SIBLINGS.get(layout.model_type)
+    if sibling is None:
+        pairs = ", ".join(f"{a} -> {b.name}" for a, b in MOE_SIBLINGS.items())
         raise CheckpointError(
             f"moe-upcycle turns a dense model into its MoE sibling ({pairs}); "
             f"model_type {layout.model_type!r} has none in transformers",
             layout.config_path,
         )
-    target = TARGETS[target_type]
-    _check_source(layout, target)
+    target = sibling.moe
+    _check_source(layout, sibling)
 
     hidden = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[1]  # the router is experts x hidden
     intermediate = layout.layer_tensors(0)["mlp.gate_proj.weight"].shape[0]
@@ -150,13 +103,13 @@ def plan(layout: CheckpointLayout, common: CommonOptions, *, experts: int = 8, t
 
     layers = [OutLayer("original", [i]) for i in range(layout.num_layers)]
     update = {
-        "model_type": target.model_type,
+        "model_type": sibling.name,
         "architectures": [target.architecture],
         "num_experts_per_tok": top_k,
         "output_router_logits": False,
-        **target.config,
+        **copy.deepcopy(target.config),
     }
-    if target.model_type == "mixtral":
+    if sibling.name == "mixtral":
         update["num_local_experts"] = experts
         update["sliding_window"] = layout.config.get("sliding_window")
     else:

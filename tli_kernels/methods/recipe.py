@@ -47,7 +47,6 @@ from tli_kernels.methods.common import (
     PER_LAYER_CONFIG_KEYS,
     CommonOptions,
     OutLayer,
-    _is_embedding,
     _refuse_unknown_layer_entries,
     build_plan,
     out_dtype,
@@ -556,7 +555,7 @@ def compile_recipe(recipe: Recipe, common: CommonOptions | None = None, *, opene
 
     def carry(entry, common_):
         name = entry.name.split("::", 1)[1] if len(sources) > 1 else entry.name
-        which = 0 if _is_embedding(name) else -1  # embeddings: first slice; final norm, head: last slice
+        which = 0 if arch.is_embedding(name) else -1  # embeddings: first slice; final norm, head: last slice
         sl = slices[which]
         k = index_of[sl.source.model]
         src = sources[k].layout.tensors[name]
@@ -661,9 +660,7 @@ def _classify(arch, scales: dict[str, float], tensors: dict) -> tuple[str, float
     if set(scales) == outputs and all(f == 0.0 for f in scales.values()):
         return ("zero", 1.0)
     post = arch.post_norms()
-    alpha_tensors = {s for s in tensors if s in post} | {
-        s for s in outputs if (arch.attn if arch.branch_of(s) == "attn" else arch.mlp).post_norm is None
-    }
+    alpha_tensors = set(arch.alpha_targets(tensors))
     values = set(scales.values())
     if set(scales) == alpha_tensors and len(values) == 1 and not (post and arch.norm_offset):
         return ("copy", values.pop())

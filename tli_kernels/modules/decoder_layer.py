@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from tli_kernels.architectures import BY_MODEL_TYPE, Architecture
 from tli_kernels.architectures.fold import apply_fold, fold_tensor_names
+from tli_kernels.architectures.spec import NORM_LAYOUTS as LAYOUT_NORMS
 from tli_kernels.modules import _swap
 from tli_kernels.modules.attention import attention_support, patch_attention, unpatch_attention
 from tli_kernels.modules.mlp import mlp_support, patch_mlp, unpatch_mlp
@@ -49,13 +50,6 @@ from tli_kernels.ops import add_rms_norm, rms_norm, scaled_add
 logger = logging.getLogger(__name__)
 
 ALPHA_NAME = "residual_scale"
-# The layouts by the norms a block holds; the registry says which norms follow a branch (post norms).
-LAYOUT_NORMS = {
-    "pre-norm": ("input_layernorm", "post_attention_layernorm"),
-    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"),
-    "post-norm": ("post_attention_layernorm", "post_feedforward_layernorm"),
-}  # fmt: skip
 DROPOUTS = ("resid_attn_dropout", "resid_mlp_dropout")  # Phi-3
 
 

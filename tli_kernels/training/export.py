@@ -24,7 +24,7 @@ from tli_kernels.checkpoint.model_card import CARD_NAME
 from tli_kernels.checkpoint.plan import OutShard, OutTensor, SurgeryPlan, pack_shards, write_json_atomic
 from tli_kernels.training.distributed import Runtime, agree
 from tli_kernels.training.residual import fold_factors
-from tli_kernels.training.sharded_load import CHUNK_ELEMENTS, ModelSource, Piece, bind, local_rows
+from tli_kernels.training.sharded_load import CHUNK_ELEMENTS, ModelSource, Piece, bind, filled_tensors, local_rows
 
 SAVE_DTYPES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 _CONFIG_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -70,7 +70,7 @@ def export_model(
     shards, repacked = export_shards(source.plan, set(where), dtype)
     layout = source.layout
     factors = fold_factors(source.plan.weight_map(), scales, layout.architecture, layout.layer_prefix)
-    params = dict(lm.named_parameters())
+    params = filled_tensors(lm)
 
     def lay_out() -> None:
         if runtime.main:

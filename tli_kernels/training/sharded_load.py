@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from tli_kernels import __version__
+from tli_kernels.architectures.registry import EXPERT_FILE_TENSOR, EXPERT_PART, FILE_RENAMES, MOVED_ROUTERS
 from tli_kernels.checkpoint.errors import CheckpointError
 from tli_kernels.checkpoint.executor_python import _compute_f32, _SourceFiles, bytes_to_f32, f32_to_bytes
 from tli_kernels.checkpoint.layout import PROVENANCE_NAME, CheckpointLayout
@@ -243,23 +243,27 @@ class Piece:
     offset: int = 0
 
 
-# Checkpoint names -> transformers' fused parameters. MoE checkpoints keep one matrix per expert
-# (Mixtral: w1 = gate, w3 = up, w2 = down under block_sparse_moe; Qwen2/3-MoE: gate_proj, up_proj,
-# down_proj under mlp); transformers 5 stacks them into 3-D parameters on load: experts.down_proj
-# [E, hidden, I] and experts.gate_up_proj [E, 2I, hidden], gate rows first.
-_EXPERT = re.compile(
-    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(0|[1-9][0-9]*)\.(w[123]|gate_proj|up_proj|down_proj)\.weight$"
-)
-_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-_MIXTRAL_ROUTER = re.compile(r"^(.*)\.block_sparse_moe\.gate\.weight$")
+# Checkpoint names -> transformers' fused parameters: MoE checkpoints keep one matrix per expert, which
+# transformers 5 stacks into 3-D parameters on load (the registry's MoE entries say how, `MoeNames`).
+
+
+def filled_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint fills: parameters and persistent buffers (GLM-4-MoE's and DeepSeek-V3's
+    router score-correction bias is a buffer saved with the weights)."""
+    out: dict[str, torch.Tensor] = dict(model.named_parameters())
+    for module_name, module in model.named_modules():
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[f"{module_name}.{name}" if module_name else name] = b
+    return out
 
 
 def bind(model: nn.Module, plan: SurgeryPlan) -> dict[str, list[Piece]]:
-    """{parameter name: the plan tensors that fill it}; raises naming any parameter left empty or
-    tensor left over. Tied parameters appear once (named_parameters drops duplicates)."""
+    """{parameter or persistent buffer name: the plan tensors that fill it}; raises naming any parameter
+    left empty or tensor left over. Tied parameters appear once (named_parameters drops duplicates)."""
     params = dict(model.named_parameters())
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    shapes = {name: tuple(p.shape) for name, p in filled_tensors(model).items()}
     found: dict[str, list[Piece]] = {}
     leftover = []
     for t in plan.tensors():
@@ -294,16 +298,21 @@ def _place(t: OutTensor, shapes: dict[str, tuple]) -> tuple[str | None, Piece]:
                 f"tensor {t.name}: shape {list(t.shape)} in the checkpoint, {list(shapes[t.name])} in the model"
             )
         return t.name, Piece(t)
-    m = _EXPERT.match(t.name)
+    for in_file, in_model in FILE_RENAMES:
+        head = t.name.removesuffix("." + in_file)
+        if head != t.name and f"{head}.{in_model}" in shapes:
+            return _place(OutTensor(f"{head}.{in_model}", t.dtype, t.shape, t.op), shapes)[0], Piece(t)
+    m = EXPERT_FILE_TENSOR.match(t.name)
     if m:
-        prefix, expert, part = m.group(1), int(m.group(2)), _EXPERT_PART[m.group(3)]
+        prefix, expert, part = m.group(1), int(m.group(2)), EXPERT_PART[m.group(3)]
         name = f"{prefix}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
         if name in shapes:
             offset = t.shape[0] if part == "up" else 0
             return name, Piece(t, index=expert, offset=offset)
-    m = _MIXTRAL_ROUTER.match(t.name)
-    if m and f"{m.group(1)}.mlp.gate.weight" in shapes:
-        return f"{m.group(1)}.mlp.gate.weight", Piece(t)
+    for router in MOVED_ROUTERS:
+        head = t.name.removesuffix("." + router)
+        if head != t.name and f"{head}.mlp.gate.weight" in shapes:
+            return f"{head}.mlp.gate.weight", Piece(t)
     return None, Piece(t)
 
 
@@ -354,7 +363,7 @@ def op_elements(t: OutTensor, start: int, count: int, sources) -> np.ndarray:
 def fill_from_plan(model: nn.Module, source: ModelSource, *, progress=None) -> int:
     """Fill each parameter's local rows from the plan; returns the source bytes read (this rank)."""
     bindings = bind(model, source.plan)
-    params = dict(model.named_parameters())
+    params = filled_tensors(model)
     check_snapshot(source)
     reader = _CountingReader(source.layout)
     with reader, torch.no_grad():

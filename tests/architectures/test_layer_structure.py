@@ -163,15 +163,37 @@ def test_a_transposed_embedding_is_refused(tmp_path):
     _refused(src, str(tmp_path / "out"), r"vocab_size in config.json is 128 but the embedding .* is \[64, 128\]")
 
 
-def test_a_multi_token_prediction_layer_is_refused_by_name(tmp_path):
+def test_a_multi_token_prediction_layer_is_carried_after_the_new_stack(tmp_path):
     """DeepSeek-V3 / GLM-4-MoE checkpoints store their MTP layer at index num_hidden_layers (transformers
-    skips it on load); tli says what it is instead of growing the model without it."""
+    skips it on load): it is carried byte for byte outside the stack and renumbered after the new last
+    layer, and the grown model still loads in stock transformers with the identity's logits."""
     src = save_model(build_model(FAMILIES["glm4_moe"]), str(tmp_path / "src"))
     weights = load_file(os.path.join(src, "model.safetensors"))
-    n = json.load(open(os.path.join(src, "config.json"), encoding="utf-8"))["num_hidden_layers"]
+    config = json.load(open(os.path.join(src, "config.json"), encoding="utf-8"))
+    n, mtp = config["num_hidden_layers"], config.get("num_nextn_predict_layers")
+    assert mtp == 1, "the test family must declare its MTP layer"
     head = f"model.layers.{n - 1}."
-    weights.update({f"model.layers.{n}." + k[len(head) :]: v.clone() for k, v in weights.items() if k.startswith(head)})
+    weights.update(
+        {f"model.layers.{n}." + k[len(head) :]: v.clone() + 1 for k, v in weights.items() if k.startswith(head)}
+    )
     save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=f"layers {n} lie beyond it: the multi-token-prediction layers of "):
-        upscale(src, str(tmp_path / "out"), "tli", options=dict(k=2, init="zero", alpha=1.0))
-    assert not os.path.exists(tmp_path / "out")
+    out = str(tmp_path / "out")
+    upscale(src, out, "tli", options=dict(k=2, init="zero", alpha=1.0))
+    grown = load_file(os.path.join(out, "model.safetensors"))
+    n_out = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))["num_hidden_layers"]
+    assert n_out == n + n // 2
+    carried = {
+        k[len(f"model.layers.{n_out}.") :]: v for k, v in grown.items() if k.startswith(f"model.layers.{n_out}.")
+    }
+    source = {k[len(f"model.layers.{n}.") :]: v for k, v in weights.items() if k.startswith(f"model.layers.{n}.")}
+    assert carried.keys() == source.keys() and all(torch.equal(carried[k], source[k]) for k in source)
+    assert not any(k.startswith(f"model.layers.{n_out + 1}.") for k in grown)
+    from transformers import AutoModelForCausalLM
+
+    def loaded(path, mtp_index):  # stock transformers skips the MTP layer: it is unexpected, nothing is missing
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        assert not info["missing_keys"]
+        assert {k.split(".")[2] for k in info["unexpected_keys"]} == {str(mtp_index)}, info["unexpected_keys"]
+        return model.eval()
+
+    assert torch.equal(logits(loaded(out, n_out)), logits(loaded(src, n)))

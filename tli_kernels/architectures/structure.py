@@ -88,14 +88,8 @@ class DecoderStructure:
         if not present:
             raise CheckpointError(f"no decoder layer tensors ({prefix}.<i>.*) in the weights", config_path)
         if len(present) != n or present[-1] != n - 1:  # present is sorted and unique: 0..n-1 exactly
-            extra = [i for i in present if i >= n]
-            mtp = config.get("num_nextn_predict_layers")
-            if extra and isinstance(mtp, int) and extra == list(range(n, n + mtp)):
-                what = (
-                    f"layers {_ranges(extra)} lie beyond it: the multi-token-prediction layers of "
-                    f"num_nextn_predict_layers = {mtp}, which tli does not carry through a new layer order yet"
-                )
-            elif extra:
+            extra = [i for i in present if i >= n]  # (multi-token-prediction layers were set aside above)
+            if extra:
                 what = f"layers {_ranges(extra)} lie beyond it"
             else:
                 gaps = [i for i in range(present[-1]) if i not in by_index]

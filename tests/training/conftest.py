@@ -81,3 +81,26 @@ def doc_model(tmp_path_factory):
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+TLI_COPY = {"k": 2, "init": "copy", "alpha": 0.5}
+
+
+@pytest.fixture
+def train_config(token_files, tiny_source, tmp_path):
+    """A TrainConfig factory: the tiny source upscaled on load (TLI K=2, copy, alpha 0.5), trained on the
+    token files with small settings (4 steps, no periodic eval) into tmp_path/out; any field overridden."""
+    from tli_kernels.training.trainer import TrainConfig
+
+    train_file, held_file = token_files
+
+    def make(**overrides) -> TrainConfig:
+        values = dict(
+            model=tiny_source, method="tli", method_options=dict(TLI_COPY), output=str(tmp_path / "out"),
+            data_file=train_file, eval_data_file=held_file, seq_len=32, micro_batch=2, accum=1, steps=4, lr=3e-3,
+            warmup=1, eval_every=0, eval_tokens=128, progress=False, threads=2,
+        )  # fmt: skip
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make

@@ -26,17 +26,9 @@ TLI = {"k": 2, "init": "copy", "alpha": 0.5}
 
 
 @pytest.fixture
-def cfg(token_files, tiny_source, tmp_path):
-    train_file, held_file = token_files
-
-    def make(**overrides) -> TrainConfig:
-        values = dict(
-            model=tiny_source, method="tli", method_options=dict(TLI), output=str(tmp_path / "out"),
-            data_file=train_file, eval_data_file=held_file, seq_len=32, micro_batch=2, accum=2, steps=10, lr=3e-3,
-            warmup=2, eval_every=5, eval_tokens=256, progress=False, threads=2,
-        )  # fmt: skip
-        values.update(overrides)
-        return TrainConfig(**values)
+def cfg(train_config):
+    def make(**overrides) -> TrainConfig:  # 10 steps with accumulation and periodic evaluation
+        return train_config(**{"accum": 2, "steps": 10, "warmup": 2, "eval_every": 5, "eval_tokens": 256, **overrides})
 
     return make
 

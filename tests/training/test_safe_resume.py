@@ -14,25 +14,12 @@ import torch
 
 from tli_kernels.training import checkpoints
 from tli_kernels.training.safe_dcp import UnsafeCheckpointError, WeightsOnlyLoadPlanner, load_metadata
-from tli_kernels.training.trainer import TrainConfig, train
-
-TLI = {"k": 2, "init": "copy", "alpha": 0.5}
+from tli_kernels.training.trainer import train
 
 
 @pytest.fixture
-def cfg(token_files, tiny_source, tmp_path):
-    train_file, held_file = token_files
-
-    def make(**overrides) -> TrainConfig:
-        values = dict(
-            model=tiny_source, method="tli", method_options=dict(TLI), output=str(tmp_path / "out"),
-            data_file=train_file, eval_data_file=held_file, seq_len=32, micro_batch=2, accum=1, steps=4, lr=3e-3,
-            warmup=1, eval_every=0, eval_tokens=128, progress=False, threads=2,
-        )  # fmt: skip
-        values.update(overrides)
-        return TrainConfig(**values)
-
-    return make
+def cfg(train_config):
+    return train_config
 
 
 class _Plant:
